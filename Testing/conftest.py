@@ -1,0 +1,75 @@
+"""Shared pytest fixtures: where the shared reference data lives, and how a missing file is treated.
+
+The shared folder (real scans, fidelity fixtures, the official CLIP embedding file) sits beside the
+repository as ``../shared`` and is never copied into the project. ``UNIVERSALSEG_SHARED`` overrides it.
+Under ``CI=true`` a missing shared file fails the test; elsewhere it is skipped with the reason.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("UNIVERSALSEG_SHARED", REPO_ROOT.parent / "shared")).resolve()
+FIXTURE_DIR = SHARED_DIR / "reference" / "fixture"
+DATA_DIR = SHARED_DIR / "data"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_shared(relative: str) -> Path:
+    """Path of a file or folder under the shared folder; fail in CI, skip elsewhere, when it is missing."""
+    path = SHARED_DIR / relative
+    if not path.exists():
+        message = f"shared file missing: {path} (set UNIVERSALSEG_SHARED to the shared folder)"
+        if _in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def shared():
+    """``shared("reference/fixture/expected_unet.npz")`` -> Path, with the CI/skip rule applied."""
+    return require_shared
+
+
+def make_weights_module():
+    """The shared fixture's reference weight generator (``make_weights.py``), imported from its file."""
+    import importlib.util
+
+    path = require_shared("reference/fixture/make_weights.py")
+    spec = importlib.util.spec_from_file_location("universalseg_fixture_make_weights", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fixture_state_dict(backbone: str):
+    """Deterministic fixture weights of the official model (keys in official order) as torch tensors."""
+    import numpy as np
+    import torch
+
+    keys = require_shared(f"reference/fixture/keys_{backbone}.json")
+    state, _ = make_weights_module().build(str(keys))
+    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}
+
+
+def write_released_style_checkpoint(backbone: str, path: Path) -> Path:
+    """Write the fixture weights the way the official release lays them out (``{'net': {'module.'+key}}``)."""
+    import torch
+
+    torch.save(make_weights_module().to_released_style(fixture_state_dict(backbone), backbone), path)
+    return path
+
+
+def fixture_input():
+    """The fixture's model input: ``default_rng(0)`` standard normal, (1, 1, 96, 96, 96) float32."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.random.default_rng(0).standard_normal((1, 1, 96, 96, 96)).astype(np.float32))

@@ -1,0 +1,2 @@
+"""UniversalSeg inference library."""
+__version__ = "0.1.0"

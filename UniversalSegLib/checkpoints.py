@@ -1,0 +1,434 @@
+"""Checkpoints: the released official ``.pth`` files and UniversalSeg's own safetensors format.
+
+Official files (``clip_driven_universal_{swin_unetr,unet}.pth``) are PyTorch pickles. They are read with
+``torch.load(weights_only=True)``, which refuses pickled code, and accept both key layouts seen in the wild
+(SPEC s.7.5): the released one (``module.`` prefix; the Swin file in the pre-2023 flat layout without
+``backbone.``) and the one a DDP run of the current official ``train.py`` writes
+(``module.backbone.swinViT...``).
+
+Our own format is a single ``.safetensors`` file: tensors under the official key names, and JSON metadata
+in the safetensors header (key ``"universalseg"``): architecture, the class table with prompts,
+preprocessing and inference parameters, library version, provenance and licence. The label embeddings are
+the ``organ_embedding`` tensor, so inference never needs a text encoder for the classes a checkpoint knows.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+
+from . import __version__
+from .model import BACKBONES, ModelConfig, UniversalModel
+from .taxonomy import ClassInfo, Taxonomy, get_taxonomy
+
+if TYPE_CHECKING:
+    from .text import TextEncoder
+
+__all__ = [
+    "CheckpointError", "CheckpointMetadata", "Checkpoint", "PreprocessingConfig",
+    "OFFICIAL_LICENSE", "FORMAT_NAME", "FORMAT_VERSION",
+    "load_checkpoint", "load_official_state_dict", "save_checkpoint", "convert_official_checkpoint",
+    "read_metadata", "official_metadata", "sha256_file",
+]
+
+FORMAT_NAME = "universalseg-checkpoint"
+FORMAT_VERSION = 1
+_METADATA_KEY = "universalseg"
+OFFICIAL_LICENSE = (
+    "Weights of the CLIP-Driven Universal Model (Liu et al., ICCV 2023), released by the authors under "
+    "CC BY-NC-ND 4.0: non-commercial use, no redistribution of modified weights. Obtained by the user from "
+    "the official release; not distributed with UniversalSeg."
+)
+_OFFICIAL_EMBEDDING = "clip-vit-b32-openai"
+_PROMPT_TEMPLATE = "A computerized tomography of a {}"
+# Top-level modules of the official Swin UNETR that the released (pre-2023, flat) layout has at the root.
+_FLAT_SWIN_PREFIXES = ("swinViT.", "encoder", "decoder")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used; the message names the file and what is wrong."""
+
+    def __init__(self, path: str | os.PathLike | None, problem: str) -> None:
+        self.path = None if path is None else str(path)
+        super().__init__(f"{problem} (checkpoint: {self.path})" if path is not None else problem)
+
+
+@dataclass(frozen=True)
+class PreprocessingConfig:
+    """How images are prepared and windows combined; stored in every checkpoint (official defaults)."""
+
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    hu_window: tuple[float, float] = (-175.0, 250.0)
+    orientation: str = "RAS"
+    crop_foreground: bool = True
+    roi_size: tuple[int, int, int] = (96, 96, 96)
+    overlap: float = 0.5
+    threshold: float = 0.5
+
+    def to_dict(self) -> dict:
+        return {
+            "spacing": list(self.spacing), "hu_window": list(self.hu_window), "orientation": self.orientation,
+            "crop_foreground": self.crop_foreground, "roi_size": list(self.roi_size), "overlap": self.overlap,
+            "threshold": self.threshold,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PreprocessingConfig":
+        return cls(
+            spacing=tuple(float(s) for s in d.get("spacing", cls.spacing)),
+            hu_window=tuple(float(v) for v in d.get("hu_window", cls.hu_window)),
+            orientation=str(d.get("orientation", cls.orientation)),
+            crop_foreground=bool(d.get("crop_foreground", cls.crop_foreground)),
+            roi_size=tuple(int(s) for s in d.get("roi_size", cls.roi_size)),
+            overlap=float(d.get("overlap", cls.overlap)),
+            threshold=float(d.get("threshold", cls.threshold)),
+        )
+
+
+@dataclass
+class CheckpointMetadata:
+    """Everything about a checkpoint except its tensors."""
+
+    model: ModelConfig
+    classes: Taxonomy
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    embedding: dict = field(default_factory=lambda: {"encoder": _OFFICIAL_EMBEDDING, "template": _PROMPT_TEMPLATE})
+    provenance: dict = field(default_factory=dict)
+    license: str = ""
+    library_version: str = __version__
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "library_version": self.library_version,
+            "model": self.model.to_dict(), "classes": self.classes.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(), "embedding": dict(self.embedding),
+            "provenance": dict(self.provenance), "license": self.license,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], path: str | os.PathLike | None = None) -> "CheckpointMetadata":
+        if d.get("format") != FORMAT_NAME:
+            raise CheckpointError(path, f"not a UniversalSeg checkpoint (metadata format {d.get('format')!r})")
+        if int(d.get("format_version", 0)) > FORMAT_VERSION:
+            raise CheckpointError(
+                path, f"written by a newer UniversalSeg (format {d['format_version']}, this version reads "
+                f"{FORMAT_VERSION}); upgrade with: pip install -U universalseg")
+        try:
+            return cls(
+                model=ModelConfig.from_dict(d["model"]),
+                classes=Taxonomy.from_dict(d["classes"]),
+                preprocessing=PreprocessingConfig.from_dict(d.get("preprocessing", {})),
+                embedding=dict(d.get("embedding", {})),
+                provenance=dict(d.get("provenance", {})),
+                license=str(d.get("license", "")),
+                library_version=str(d.get("library_version", "")),
+            )
+        except (KeyError, TypeError, ValueError) as err:  # TaxonomyError is a ValueError
+            raise CheckpointError(path, f"metadata is incomplete or invalid: {err}") from err
+
+    def channel_of(self, info: ClassInfo) -> int:
+        """Model output channel of a class: its position in this checkpoint's class table."""
+        return list(self.classes.indices).index(info.index)
+
+
+@dataclass
+class Checkpoint:
+    """Tensors (official key names) plus metadata; :meth:`build_model` makes the ready-to-run network."""
+
+    state_dict: dict[str, torch.Tensor]
+    metadata: CheckpointMetadata
+    path: str | None = None
+
+    def build_model(self, device: str | torch.device = "cpu") -> UniversalModel:
+        model = UniversalModel(self.metadata.model)
+        _check_keys(model, self.state_dict, self.path)
+        model.load_state_dict(self.state_dict, strict=True)
+        return model.to(device).eval()
+
+    @property
+    def label_embeddings(self) -> torch.Tensor:
+        return self.state_dict["organ_embedding"]
+
+    def with_classes(self, classes: Taxonomy, embeddings: torch.Tensor, embedding_info: Mapping[str, Any] | None = None) -> "Checkpoint":
+        """A copy with another class table and label embeddings (same network weights).
+
+        The head is class-agnostic: any class with an embedding can be segmented, so this is how new class
+        names are added (e.g. before fine-tuning) or the embeddings of an encoder are swapped in.
+        """
+        embeddings = torch.as_tensor(embeddings, dtype=torch.float32)
+        if embeddings.dim() != 2 or embeddings.shape[0] != len(classes):
+            raise ValueError(f"Need one embedding row per class: {len(classes)} classes, embeddings of shape {tuple(embeddings.shape)}.")
+        if embeddings.shape[1] != self.metadata.model.embedding_dim:
+            raise ValueError(f"Embedding dimension {embeddings.shape[1]} does not match the model's "
+                             f"{self.metadata.model.embedding_dim}.")
+        state = dict(self.state_dict)
+        state["organ_embedding"] = embeddings.contiguous()
+        meta = self.metadata
+        metadata = CheckpointMetadata(
+            model=replace(meta.model, num_classes=len(classes)), classes=classes, preprocessing=meta.preprocessing,
+            embedding=dict(embedding_info or meta.embedding), provenance=dict(meta.provenance), license=meta.license)
+        return Checkpoint(state, metadata, None)
+
+    def add_classes(self, names: Sequence[str], encoder: "TextEncoder") -> "Checkpoint":
+        """A copy that also knows ``names`` (new classes), embedded with ``encoder``; old classes are unchanged.
+
+        The encoder must be the one the checkpoint's embeddings came from (e.g. CLIP for official weights),
+        otherwise the new vectors live in another space than the ones the head was trained on.
+        """
+        taxonomy = self.metadata.classes
+        known = {c.display_name.casefold() for c in taxonomy} | {c.prompt_name.casefold() for c in taxonomy}
+        clashes = [n for n in names if n.strip().casefold() in known]
+        if clashes:
+            raise ValueError(f"Already in the checkpoint's class table: {', '.join(clashes)}.")
+        start = max(taxonomy.indices) + 1
+        new = [ClassInfo.from_dict({"index": start + i, "display_name": n.strip(), "prompt_name": n.strip()})
+               for i, n in enumerate(names)]
+        vectors = torch.from_numpy(encoder.encode([c.prompt_name for c in new]))
+        return self.with_classes(taxonomy.extended(new), torch.cat([self.label_embeddings.float(), vectors]))
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 2**22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Official .pth files
+# --------------------------------------------------------------------------------------------------
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only refuses anything but tensors and plain containers: never execute pickled code.
+        raise CheckpointError(
+            path, "refused to load: the file contains pickled Python objects or code, not only weights. "
+            "Only load checkpoints from a source you trust; UniversalSeg never executes code from a checkpoint"
+        ) from err
+    except (EOFError, zipfile.BadZipFile) as err:
+        raise CheckpointError(path, "the file is truncated or damaged (incomplete download?); download it again") from err
+    except RuntimeError as err:
+        msg = str(err)
+        if "zip archive" in msg or "central directory" in msg or "failed finding" in msg or "PytorchStreamReader" in msg:
+            raise CheckpointError(path, "the file is truncated or damaged (incomplete download?); download it again") from err
+        raise CheckpointError(path, f"PyTorch could not read the file: {msg.splitlines()[0]}") from err
+
+
+def _official_key(key: str) -> str:
+    """Map a key of any official layout to the model's key names."""
+    if key.startswith("module."):
+        key = key[len("module."):]
+    if key.startswith(_FLAT_SWIN_PREFIXES):
+        key = "backbone." + key
+    return key
+
+
+def _detect_backbone(keys: set[str]) -> str | None:
+    if any(k.startswith("backbone.swinViT.") for k in keys):
+        return "swinunetr"
+    if any(k.startswith("backbone.down_tr64.") for k in keys):
+        return "unet"
+    return None
+
+
+def load_official_state_dict(path: str | os.PathLike, backbone: str | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Read an official checkpoint (either layout) into model key names; infer the architecture from shapes.
+
+    ``backbone`` (optional) is what the caller expects; a file of the other backbone is an error.
+    """
+    path = Path(path)
+    _check_file(path)
+    obj = _torch_load(path)
+    net = obj.get("net", obj.get("state_dict", obj)) if isinstance(obj, Mapping) else None
+    if not isinstance(net, Mapping) or not all(isinstance(v, torch.Tensor) for v in net.values()):
+        raise CheckpointError(path, "no weights found: expected a state_dict or a dict with a 'net' state_dict")
+    state = {_official_key(k): v for k, v in net.items()}
+    found = _detect_backbone(set(state))
+    if found is None:
+        raise CheckpointError(path, "not a Universal Model checkpoint: neither Swin UNETR nor U-Net backbone keys found")
+    if backbone is not None and backbone != found:
+        raise CheckpointError(path, f"wrong backbone: the file holds a {found} model, but {backbone} was requested")
+    if "organ_embedding" not in state:
+        raise CheckpointError(path, "missing key 'organ_embedding' (the label embeddings of the classes)")
+    return state, _config_from_state(state, found, path)
+
+
+def _config_from_state(state: Mapping[str, torch.Tensor], backbone: str, path: Path) -> ModelConfig:
+    emb = state["organ_embedding"]
+    if emb.dim() != 2:
+        raise CheckpointError(path, f"organ_embedding must be 2-D (classes x dim), found shape {tuple(emb.shape)}")
+    try:
+        if backbone == "swinunetr":
+            heads = tuple(int(state[f"backbone.swinViT.layers{i}.0.blocks.0.attn.relative_position_bias_table"].shape[1])
+                          for i in range(1, 5))
+            return ModelConfig(backbone=backbone, num_classes=emb.shape[0], embedding_dim=emb.shape[1],
+                               feature_size=int(state["backbone.swinViT.patch_embed.proj.weight"].shape[0]),
+                               num_heads=heads)
+        return ModelConfig(backbone=backbone, num_classes=emb.shape[0], embedding_dim=emb.shape[1],
+                           base_channels=int(state["backbone.down_tr64.ops.0.conv1.weight"].shape[0]))
+    except KeyError as err:
+        raise CheckpointError(path, f"missing key {err.args[0]!r}: the file is not a complete {backbone} Universal Model") from err
+
+
+def official_metadata(config: ModelConfig, source: str | os.PathLike | None = None, source_sha256: str | None = None) -> CheckpointMetadata:
+    """Metadata of an official checkpoint: the 32 official classes, official preprocessing and licence."""
+    taxonomy = get_taxonomy()
+    if config.num_classes != len(taxonomy):
+        raise CheckpointError(
+            source, f"class-count mismatch: the file has {config.num_classes} label embeddings, the official "
+            f"class table has {len(taxonomy)}")
+    provenance = {"origin": "official CLIP-Driven Universal Model release"}
+    if source is not None:
+        provenance["source_file"] = Path(source).name
+    if source_sha256:
+        provenance["source_sha256"] = source_sha256
+    return CheckpointMetadata(model=config, classes=taxonomy, provenance=provenance, license=OFFICIAL_LICENSE)
+
+
+# --------------------------------------------------------------------------------------------------
+# Own format
+# --------------------------------------------------------------------------------------------------
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(path, "file not found")
+    if path.is_dir():
+        raise CheckpointError(path, "is a folder, expected a checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, "the file is empty")
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: 8-byte little-endian header length, then a JSON object.
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def read_metadata(path: str | os.PathLike) -> CheckpointMetadata:
+    """Metadata of a UniversalSeg checkpoint without reading its tensors (cheap: header only)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    _check_file(path)
+    if not _is_safetensors(path):
+        raise CheckpointError(path, "not a UniversalSeg .safetensors checkpoint")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for damaged headers
+        raise CheckpointError(path, f"damaged safetensors header: {err}") from err
+    if _METADATA_KEY not in header:
+        raise CheckpointError(path, "a safetensors file without UniversalSeg metadata (no class table, no preprocessing)")
+    try:
+        raw = json.loads(header[_METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(path, f"metadata is not valid JSON: {err}") from err
+    return CheckpointMetadata.from_dict(raw, path)
+
+
+def _load_safetensors(path: Path) -> Checkpoint:
+    from safetensors.torch import load_file
+
+    metadata = read_metadata(path)
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as err:
+        raise CheckpointError(path, f"the file is truncated or damaged: {err}") from err
+    if "organ_embedding" not in state:
+        raise CheckpointError(path, "missing key 'organ_embedding' (the label embeddings of the classes)")
+    n_emb, n_cls = state["organ_embedding"].shape[0], len(metadata.classes)
+    if n_emb != n_cls or metadata.model.num_classes != n_cls:
+        raise CheckpointError(
+            path, f"class-count mismatch: {n_emb} label embeddings, {n_cls} classes in the class table, "
+            f"{metadata.model.num_classes} in the model configuration")
+    return Checkpoint(state, metadata, str(path))
+
+
+def load_checkpoint(path: str | os.PathLike, backbone: str | None = None) -> Checkpoint:
+    """Load any supported checkpoint: UniversalSeg ``.safetensors`` or an official ``.pth``.
+
+    The result is validated against the architecture (exact key set and shapes); errors are
+    :class:`CheckpointError` naming the file and the problem.
+    """
+    path = Path(path)
+    _check_file(path)
+    if backbone is not None and backbone not in BACKBONES:
+        raise ValueError(f"Unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}.")
+    if _is_safetensors(path):
+        ckpt = _load_safetensors(path)
+        if backbone is not None and ckpt.metadata.model.backbone != backbone:
+            raise CheckpointError(path, f"wrong backbone: the file holds a {ckpt.metadata.model.backbone} model, "
+                                        f"but {backbone} was requested")
+    else:
+        state, config = load_official_state_dict(path, backbone)
+        ckpt = Checkpoint(state, official_metadata(config, path), str(path))
+    _check_keys(UniversalModel(ckpt.metadata.model), ckpt.state_dict, ckpt.path)
+    return ckpt
+
+
+def _check_keys(model: UniversalModel, state: Mapping[str, torch.Tensor], path: str | None) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
+        if extra:
+            parts.append(f"{len(extra)} unexpected key(s), e.g. {', '.join(extra[:3])}")
+        raise CheckpointError(path, f"does not match the {model.config.backbone} architecture: " + "; ".join(parts))
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise CheckpointError(path, f"{len(wrong)} tensor(s) with the wrong shape, e.g. {'; '.join(wrong[:3])}")
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], metadata: CheckpointMetadata,
+                    overwrite: bool = False) -> Path:
+    """Write a UniversalSeg checkpoint atomically (temporary file + rename); never overwrite unless asked."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"UniversalSeg checkpoints are .safetensors files; got {path.name!r}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {path.parent} does not exist")
+    _check_keys(UniversalModel(metadata.model), state_dict, str(path))
+    n = state_dict["organ_embedding"].shape[0]
+    if n != len(metadata.classes):
+        raise CheckpointError(path, f"class-count mismatch: {n} label embeddings but {len(metadata.classes)} classes")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    header = {_METADATA_KEY: json.dumps(metadata.to_dict(), ensure_ascii=False)}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        save_file(tensors, str(tmp), metadata=header)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def convert_official_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, backbone: str | None = None,
+                                overwrite: bool = False) -> Path:
+    """Convert an official ``.pth`` into a UniversalSeg ``.safetensors`` (weights unchanged, metadata added)."""
+    src = Path(src)
+    state, config = load_official_state_dict(src, backbone)
+    metadata = official_metadata(config, src, sha256_file(src))
+    metadata.provenance["converted"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    metadata.provenance["converted_by"] = f"UniversalSeg {__version__}"
+    return save_checkpoint(dst, state, metadata, overwrite=overwrite)

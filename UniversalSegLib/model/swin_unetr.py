@@ -1,0 +1,116 @@
+"""Swin UNETR backbone of the Universal Model, assembled from MONAI blocks.
+
+The state-dict keys, shapes and the forward computation equal the official model
+(`model/SwinUNETR.py` of CLIP-Driven-Universal-Model), which is MONAI 0.9's SwinUNETR without its
+output block. Two quirks of that version are reproduced on purpose, because the released weights were
+trained with them:
+
+* Patch merging concatenates the eight strided sub-grids in a buggy order (see
+  :class:`OfficialPatchMerging`); current MONAI fixed the order, so its ``"merging"`` mode cannot be
+  used as is.
+* At the deepest stage (6^3 tokens for a 96^3 input) the attention window shrinks to 6^3, but the
+  relative-position bias is looked up with the top-left ``[:216, :216]`` block of the 7^3 index table
+  instead of a 6^3 table. MONAI's ``WindowAttention`` still does exactly this, so we inherit it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import UnetrBasicBlock, UnetrUpBlock
+from monai.networks.nets.swin_unetr import PatchMergingV2, SwinTransformer
+from torch import nn
+
+__all__ = ["OfficialPatchMerging", "SwinUNETRBackbone"]
+
+# (d, h, w) offsets of the eight sub-grids in the order the official code concatenates them.
+# (0,1,0) and (0,0,1) appear twice, (1,1,0) and (0,1,1) never: MONAI 0.9's "merging" bug.
+_OFFICIAL_MERGE_OFFSETS = (
+    (0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1),
+)
+
+
+class OfficialPatchMerging(PatchMergingV2):
+    """3-D patch merging (LayerNorm(8C) -> Linear(8C, 2C)) with the official sub-grid order."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            return super().forward(x)
+        _, d, h, w, _ = x.shape
+        if d % 2 or h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
+        x = torch.cat([x[:, i::2, j::2, k::2, :] for i, j, k in _OFFICIAL_MERGE_OFFSETS], dim=-1)
+        return self.reduction(self.norm(x))
+
+
+class SwinUNETRBackbone(nn.Module):
+    """Swin transformer encoder + residual CNN decoder; returns ``(deepest feature, decoder output)``.
+
+    For a ``(B, 1, 96, 96, 96)`` input and ``feature_size=48`` the deepest feature is ``(B, 768, 3, 3, 3)``
+    and the decoder output ``(B, 48, 96, 96, 96)``. Spatial sizes must be multiples of 32.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        feature_size: int = 48,
+        depths: Sequence[int] = (2, 2, 2, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        norm_name: str = "instance",
+        use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        fs = feature_size
+        self.swinViT = SwinTransformer(
+            in_chans=in_channels,
+            embed_dim=fs,
+            window_size=(window_size,) * 3,
+            patch_size=(2, 2, 2),
+            depths=depths,
+            num_heads=num_heads,
+            mlp_ratio=4.0,
+            qkv_bias=True,
+            drop_rate=0.0,
+            attn_drop_rate=0.0,
+            drop_path_rate=0.0,
+            norm_layer=nn.LayerNorm,
+            use_checkpoint=use_checkpoint,
+            spatial_dims=3,
+            downsample=OfficialPatchMerging,
+        )
+
+        def enc(cin: int, cout: int) -> UnetrBasicBlock:
+            return UnetrBasicBlock(3, cin, cout, kernel_size=3, stride=1, norm_name=norm_name, res_block=True)
+
+        def dec(cin: int, cout: int) -> UnetrUpBlock:
+            return UnetrUpBlock(3, cin, cout, kernel_size=3, upsample_kernel_size=2, norm_name=norm_name, res_block=True)
+
+        self.encoder1 = enc(in_channels, fs)
+        self.encoder2 = enc(fs, fs)
+        self.encoder3 = enc(2 * fs, 2 * fs)
+        self.encoder4 = enc(4 * fs, 4 * fs)
+        self.encoder10 = enc(16 * fs, 16 * fs)
+        self.decoder5 = dec(16 * fs, 8 * fs)
+        self.decoder4 = dec(8 * fs, 4 * fs)
+        self.decoder3 = dec(4 * fs, 2 * fs)
+        self.decoder2 = dec(2 * fs, fs)
+        self.decoder1 = dec(fs, fs)
+        self.deep_channels = 16 * fs
+        self.out_channels = fs
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # normalize=True: every stage output passes through an affine-free LayerNorm (MONAI's proj_out).
+        hidden = self.swinViT(x, normalize=True)
+        enc0 = self.encoder1(x)
+        enc1 = self.encoder2(hidden[0])
+        enc2 = self.encoder3(hidden[1])
+        enc3 = self.encoder4(hidden[2])
+        deepest = self.encoder10(hidden[4])
+        d = self.decoder5(deepest, hidden[3])
+        d = self.decoder4(d, enc3)
+        d = self.decoder3(d, enc2)
+        d = self.decoder2(d, enc1)
+        out = self.decoder1(d, enc0)
+        return deepest, out
