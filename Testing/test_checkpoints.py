@@ -11,10 +11,12 @@ import torch
 
 from conftest import fixture_state_dict, require_shared, write_released_style_checkpoint
 from UniversalSegLib.checkpoints import (
-    OFFICIAL_LICENSE, Checkpoint, CheckpointError, CheckpointMetadata, PreprocessingConfig,
+    OFFICIAL_LICENSE, Checkpoint, CheckpointError, CheckpointMetadata,
     convert_official_checkpoint, load_checkpoint, read_metadata, save_checkpoint, sha256_file,
 )
+from UniversalSegLib.inference import InferenceParameters
 from UniversalSegLib.model import ModelConfig, UniversalModel
+from UniversalSegLib.preprocess import PreprocessingParameters
 from UniversalSegLib.taxonomy import ClassInfo, get_taxonomy
 
 
@@ -149,7 +151,7 @@ def test_convert_official_to_own_format(tmp_path, released_unet, unet_state):
     assert meta.model == ModelConfig(backbone="unet")
     assert [c.prompt for c in meta.classes][7] == "A computerized tomography of a Arota"  # typo kept
     assert meta.classes == get_taxonomy()
-    assert meta.preprocessing == PreprocessingConfig()
+    assert meta.preprocessing == PreprocessingParameters() and meta.inference == InferenceParameters()
     assert meta.embedding["template"] == "A computerized tomography of a {}"
     assert meta.provenance["source_sha256"] == sha256_file(released_unet)
     assert meta.provenance["source_file"] == "clip_driven_universal_unet.pth"

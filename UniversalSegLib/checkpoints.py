@@ -26,14 +26,17 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 
 from . import __version__
+from .inference import InferenceParameters
 from .model import BACKBONES, ModelConfig, UniversalModel
+from .preprocess import PreprocessingParameters
 from .taxonomy import ClassInfo, Taxonomy, get_taxonomy
+from .text import PROMPT_TEMPLATE
 
 if TYPE_CHECKING:
     from .text import TextEncoder
 
 __all__ = [
-    "CheckpointError", "CheckpointMetadata", "Checkpoint", "PreprocessingConfig",
+    "CheckpointError", "CheckpointMetadata", "Checkpoint",
     "OFFICIAL_LICENSE", "FORMAT_NAME", "FORMAT_VERSION",
     "load_checkpoint", "load_official_state_dict", "save_checkpoint", "convert_official_checkpoint",
     "read_metadata", "official_metadata", "sha256_file",
@@ -48,7 +51,6 @@ OFFICIAL_LICENSE = (
     "the official release; not distributed with UniversalSeg."
 )
 _OFFICIAL_EMBEDDING = "clip-vit-b32-openai"
-_PROMPT_TEMPLATE = "A computerized tomography of a {}"
 # Top-level modules of the official Swin UNETR that the released (pre-2023, flat) layout has at the root.
 _FLAT_SWIN_PREFIXES = ("swinViT.", "encoder", "decoder")
 
@@ -61,46 +63,15 @@ class CheckpointError(ValueError):
         super().__init__(f"{problem} (checkpoint: {self.path})" if path is not None else problem)
 
 
-@dataclass(frozen=True)
-class PreprocessingConfig:
-    """How images are prepared and windows combined; stored in every checkpoint (official defaults)."""
-
-    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
-    hu_window: tuple[float, float] = (-175.0, 250.0)
-    orientation: str = "RAS"
-    crop_foreground: bool = True
-    roi_size: tuple[int, int, int] = (96, 96, 96)
-    overlap: float = 0.5
-    threshold: float = 0.5
-
-    def to_dict(self) -> dict:
-        return {
-            "spacing": list(self.spacing), "hu_window": list(self.hu_window), "orientation": self.orientation,
-            "crop_foreground": self.crop_foreground, "roi_size": list(self.roi_size), "overlap": self.overlap,
-            "threshold": self.threshold,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PreprocessingConfig":
-        return cls(
-            spacing=tuple(float(s) for s in d.get("spacing", cls.spacing)),
-            hu_window=tuple(float(v) for v in d.get("hu_window", cls.hu_window)),
-            orientation=str(d.get("orientation", cls.orientation)),
-            crop_foreground=bool(d.get("crop_foreground", cls.crop_foreground)),
-            roi_size=tuple(int(s) for s in d.get("roi_size", cls.roi_size)),
-            overlap=float(d.get("overlap", cls.overlap)),
-            threshold=float(d.get("threshold", cls.threshold)),
-        )
-
-
 @dataclass
 class CheckpointMetadata:
     """Everything about a checkpoint except its tensors."""
 
     model: ModelConfig
     classes: Taxonomy
-    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
-    embedding: dict = field(default_factory=lambda: {"encoder": _OFFICIAL_EMBEDDING, "template": _PROMPT_TEMPLATE})
+    preprocessing: PreprocessingParameters = field(default_factory=PreprocessingParameters)
+    inference: InferenceParameters = field(default_factory=InferenceParameters)
+    embedding: dict = field(default_factory=lambda: {"encoder": _OFFICIAL_EMBEDDING, "template": PROMPT_TEMPLATE})
     provenance: dict = field(default_factory=dict)
     license: str = ""
     library_version: str = __version__
@@ -109,7 +80,8 @@ class CheckpointMetadata:
         return {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "library_version": self.library_version,
             "model": self.model.to_dict(), "classes": self.classes.to_dict(),
-            "preprocessing": self.preprocessing.to_dict(), "embedding": dict(self.embedding),
+            "preprocessing": self.preprocessing.to_dict(), "inference": self.inference.to_dict(),
+            "embedding": dict(self.embedding),
             "provenance": dict(self.provenance), "license": self.license,
         }
 
@@ -125,7 +97,8 @@ class CheckpointMetadata:
             return cls(
                 model=ModelConfig.from_dict(d["model"]),
                 classes=Taxonomy.from_dict(d["classes"]),
-                preprocessing=PreprocessingConfig.from_dict(d.get("preprocessing", {})),
+                preprocessing=PreprocessingParameters.from_dict(d.get("preprocessing", {})),
+                inference=InferenceParameters.from_dict(d.get("inference", {})),
                 embedding=dict(d.get("embedding", {})),
                 provenance=dict(d.get("provenance", {})),
                 license=str(d.get("license", "")),
@@ -174,6 +147,7 @@ class Checkpoint:
         meta = self.metadata
         metadata = CheckpointMetadata(
             model=replace(meta.model, num_classes=len(classes)), classes=classes, preprocessing=meta.preprocessing,
+            inference=meta.inference,
             embedding=dict(embedding_info or meta.embedding), provenance=dict(meta.provenance), license=meta.license)
         return Checkpoint(state, metadata, None)
 

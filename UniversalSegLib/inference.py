@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
 import numpy as np
@@ -30,6 +31,7 @@ from monai.data.utils import compute_importance_map
 from monai.inferers import sliding_window_inference
 
 __all__ = [
+    "InferenceParameters",
     "InferenceCancelled",
     "InferenceError",
     "gaussian_weight_map",
@@ -151,6 +153,34 @@ def _smoothed_impulse_1d(size: int, sigma: float, device: torch.device | str | N
     profile = torch.zeros(size, dtype=torch.float32, device=device)
     profile[inside] = kernel[distance[inside] + tail]
     return profile
+
+
+# -- parameters stored in checkpoints -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InferenceParameters:
+    """How windows are laid out, blended and thresholded; a checkpoint carries them (official defaults)."""
+
+    roi_size: tuple[int, int, int] = (96, 96, 96)
+    overlap: float = 0.5
+    threshold: float = 0.5
+    gaussian: str = "monai09"
+    sigma_scale: float = 0.125
+
+    def to_dict(self) -> dict:
+        return {"roi_size": list(self.roi_size), "overlap": self.overlap, "threshold": self.threshold,
+                "gaussian": self.gaussian, "sigma_scale": self.sigma_scale}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "InferenceParameters":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"Unknown inference parameter(s): {sorted(unknown)}")
+        d = cls()
+        return cls(roi_size=tuple(int(v) for v in data.get("roi_size", d.roi_size)),
+                   overlap=float(data.get("overlap", d.overlap)), threshold=float(data.get("threshold", d.threshold)),
+                   gaussian=str(data.get("gaussian", d.gaussian)), sigma_scale=float(data.get("sigma_scale", d.sigma_scale)))
 
 
 # -- sliding window ----------------------------------------------------------------------------------
