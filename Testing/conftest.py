@@ -73,3 +73,28 @@ def fixture_input():
     import torch
 
     return torch.from_numpy(np.random.default_rng(0).standard_normal((1, 1, 96, 96, 96)).astype(np.float32))
+
+
+def small_checkpoint(path: Path, backbone: str = "unet", spacing: float = 5.0, roi: int = 32, seed: int = 0) -> Path:
+    """A reduced-width model with seeded random weights, saved as a UniversalSeg checkpoint.
+
+    Coarse spacing (5 mm: no source voxel of a 3 mm CT falls exactly halfway between two output voxels,
+    where nearest-neighbour ties would make oblique comparisons fragile) and small windows keep a whole-CT run to a few seconds on 2 CPU cores; the network's
+    output is arbitrary but deterministic, which is what geometry, I/O and CLI tests need.
+    """
+    import torch
+
+    from UniversalSegLib.checkpoints import CheckpointMetadata, save_checkpoint
+    from UniversalSegLib.inference import InferenceParameters
+    from UniversalSegLib.model import ModelConfig, UniversalModel
+    from UniversalSegLib.preprocess import PreprocessingParameters
+    from UniversalSegLib.taxonomy import get_taxonomy
+
+    torch.manual_seed(seed)
+    config = ModelConfig.small(backbone)
+    model = UniversalModel(config)
+    model.organ_embedding.copy_(torch.randn(config.num_classes, config.embedding_dim))
+    meta = CheckpointMetadata(
+        model=config, classes=get_taxonomy(), preprocessing=PreprocessingParameters(spacing=(spacing,) * 3),
+        inference=InferenceParameters(roi_size=(roi,) * 3), provenance={"origin": "test: random weights"})
+    return save_checkpoint(path, model.state_dict(), meta)

@@ -69,7 +69,7 @@ def check_finite_values(array: np.ndarray, source: str, force: bool = False) -> 
         n_nan = int(np.count_nonzero(np.isnan(array)))
         raise InvalidVoxelValuesError(
             f"{source}: {n_bad} of {array.size} voxels ({100.0 * n_bad / array.size:.3g} %) are not numbers "
-            f"({n_nan} NaN, {n_bad - n_nan} infinite). Fix the image, or pass force=True to treat them as air."
+            f"({n_nan} NaN, {n_bad - n_nan} infinite). Fix the image, or use --force (force=True in Python) to treat them as air."
         )
     return n_bad
 
@@ -130,14 +130,14 @@ def ensure_ct(array: np.ndarray, source: str, modality: str | None = None, force
             return None
         raise NotCTError(
             f"{source}: the DICOM series has Modality {modality!r}, but UniversalSeg segments CT only. "
-            f"Pass force=True to process it anyway (the results will not be meaningful)."
+            f"Use --force (force=True in Python) to process it anyway (the results will not be meaningful)."
         )
     report = check_ct_intensities(array)
     if not report.is_plausible and not force:
         raise NotCTError(
             f"{source}: the voxel values do not look like a CT in Hounsfield units ({report.reason}). "
             f"MR or intensity-normalised images are not supported. If this is a CT stored without its "
-            f"rescale (air near 0 instead of -1000 HU), convert it to HU first; pass force=True to process "
+            f"rescale (air near 0 instead of -1000 HU), convert it to HU first; use --force (force=True in Python) to process "
             f"it anyway."
         )
     return report
