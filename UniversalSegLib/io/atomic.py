@@ -30,7 +30,7 @@ def prepare_output_path(path, overwrite: bool = False) -> Path:
     if path.is_dir():
         raise OutputExistsError(f"Output {path} is an existing folder, not a file name.")
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"Output {path} exists already; choose another name or allow overwriting (overwrite=True).")
+        raise OutputExistsError(f"Output {path} exists already; choose another name, or use --overwrite (overwrite=True in Python) to replace it.")
     ensure_writable_folder(path.parent)
     return path
 
