@@ -8,5 +8,11 @@ venv="${UNIVERSALSEG_VENV:-.venv}"
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints-ci.txt -e ".[test]"
+echo "installing the project and its test dependencies into $venv (log: $venv/pip-install.log)"
+if ! "$venv/bin/python" -m pip install --disable-pip-version-check -c constraints-ci.txt -e ".[test]" \
+        > "$venv/pip-install.log" 2>&1; then
+    tail -n 40 "$venv/pip-install.log"
+    echo "pip install failed; full log: $venv/pip-install.log" >&2
+    exit 1
+fi
 exec "$venv/bin/python" -m pytest "$@"

@@ -1,0 +1,19 @@
+"""Qt-free logic of the UniversalSeg 3D Slicer module.
+
+Everything the module does except drawing its panel lives here and imports no ``qt``, ``ctk`` or
+``slicer.ScriptedLoadableModule``: it runs inside Slicer and under pytest on the ``slicer-core`` wheel.
+The scene and module logics are passed in; nothing looks up the Slicer application.
+
+Modules: :mod:`.logic` (the entry point, :class:`SegmentationLogic`), :mod:`.jobs` (worker thread),
+:mod:`.results` (masks -> segments), :mod:`.clickselect`, :mod:`.review`, :mod:`.export`,
+:mod:`.statistics`, :mod:`.classes` (class picker), :mod:`.dependencies`, :mod:`.estimate`,
+:mod:`.parameters`, :mod:`.messages`, :mod:`.snapshots` (offscreen pictures).
+"""
+from .classes import PRESETS, ClassCatalog
+from .jobs import BackgroundJob, JobCancelled, JobState
+from .logic import ModelChoice, SegmentationLogic
+from .results import AppliedResult, ExistingSegmentsError
+from .review import REVIEW_STATES
+
+__all__ = ["PRESETS", "ClassCatalog", "BackgroundJob", "JobCancelled", "JobState", "ModelChoice",
+           "SegmentationLogic", "AppliedResult", "ExistingSegmentsError", "REVIEW_STATES"]

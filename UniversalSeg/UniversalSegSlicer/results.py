@@ -1,0 +1,246 @@
+"""Put per-class masks into a segmentation node: one segment per class, in one step, others untouched.
+
+Segments are built completely (labelmaps, names, colours, terminology, tags) before the segmentation
+is touched; then they are inserted in one modification block. Non-overlapping classes share a labelmap
+layer (Slicer's shared labelmaps: one uint8 image, one label value per segment), so 32 classes cost a
+few images, not 32; overlapping classes (liver and liver tumour) go to separate layers and both are
+kept exactly. Segments that were already in the segmentation are never modified; a class that already
+has a segment is replaced only when the caller says so.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from UniversalSegLib.mrml import (
+    affine_of_volume_node,
+    oriented_image_from_mask,
+    prepare_segmentation_node,
+    segment_class_index,
+    set_segment_class,
+)
+from UniversalSegLib.taxonomy import ClassInfo
+
+from .review import TAG_REVIEW, TAG_VOXELS
+
+__all__ = ["ExistingSegmentsError", "AppliedResult", "class_segment_ids", "build_layers", "insert_class_masks",
+           "TAG_MODEL"]
+
+#: Segment tag naming the model that made a segment.
+TAG_MODEL = "UniversalSeg.Model"
+
+
+class ExistingSegmentsError(ValueError):
+    """Some requested classes already have a segment and replacing them was not confirmed."""
+
+    def __init__(self, segmentation_name: str, classes: Sequence[ClassInfo]):
+        self.classes = list(classes)
+        names = ", ".join(info.display_name for info in self.classes)
+        super().__init__(f'"{segmentation_name}" already has a segment for {names}. Confirm to replace '
+                         f"{'it' if len(self.classes) == 1 else 'them'}, or choose another output segmentation.")
+
+
+@dataclass
+class AppliedResult:
+    """What :func:`insert_class_masks` changed."""
+
+    segmentation_node: object
+    segment_ids: dict[int, str] = field(default_factory=dict)  # class index -> segment id
+    replaced: list[int] = field(default_factory=list)
+    created_node: bool = False
+    table_node: object = None
+
+
+def class_segment_ids(segmentation_node, classes: Sequence[ClassInfo]) -> dict[int, str]:
+    """``{class index: segment id}`` of the segments that already hold one of ``classes``.
+
+    A segment belongs to a class when UniversalSeg tagged it with the class, or (for a ``.seg.nrrd``
+    written by the UniversalSeg command line) when its ID is the class key and its terminology is the
+    class's terminology.
+    """
+    wanted = {info.index: info for info in classes}
+    found: dict[int, str] = {}
+    segmentation = segmentation_node.GetSegmentation()
+    for segment_id in segmentation.GetSegmentIDs():
+        segment = segmentation.GetSegment(segment_id)
+        index = segment_class_index(segment)
+        if index is None:
+            info = next((c for c in wanted.values() if c.key == segment_id), None)
+            if info is not None and _terminology(segment) == info.terminology.to_slicer_string():
+                index = info.index
+        if index in wanted and index not in found:
+            found[index] = segment_id
+    return found
+
+
+def _terminology(segment) -> str:
+    if hasattr(segment, "GetTerminology"):
+        return segment.GetTerminology()
+    import vtk
+
+    value = vtk.mutable("")
+    segment.GetTag(segment.GetTerminologyEntryTagName(), value)
+    return str(value)
+
+
+def build_layers(masks: Mapping[int, np.ndarray], order: Sequence[int]) -> list[dict[int, np.ndarray]]:
+    """Group classes into layers where no two masks overlap (first fit, in ``order``); empty masks join
+    the first layer. Returns one ``{class index: mask}`` dict per layer."""
+    layers: list[dict[int, np.ndarray]] = []
+    occupied: list[np.ndarray] = []
+    for index in order:
+        mask = masks[index]
+        for layer, used in zip(layers, occupied):
+            if len(layer) < 255 and not np.any(used & mask):
+                layer[index] = mask
+                used |= mask
+                break
+        else:
+            layers.append({index: mask})
+            occupied.append(mask.copy())
+    return layers
+
+
+def _layer_segments(layer: dict[int, np.ndarray], infos: Mapping[int, ClassInfo], ijk_to_ras: np.ndarray,
+                    model_name: str) -> dict[int, object]:
+    """vtkSegments of one layer sharing one labelmap image (label value = position in the layer)."""
+    import slicer
+
+    labels = np.zeros(next(iter(layer.values())).shape, dtype=np.uint8)
+    values = {}
+    for value, (index, mask) in enumerate(layer.items(), start=1):
+        labels[mask] = value
+        values[index] = value
+    image = oriented_image_from_mask(labels > 0, ijk_to_ras)  # geometry and extent of the union
+    from vtk.util import numpy_support
+
+    extent = image.GetExtent()
+    if extent[1] >= extent[0]:
+        box = labels[extent[0]:extent[1] + 1, extent[2]:extent[3] + 1, extent[4]:extent[5] + 1]
+        numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = np.ascontiguousarray(box.transpose(2, 1, 0)).ravel()
+    representation = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    segments = {}
+    for index, value in values.items():
+        segment = slicer.vtkSegment()
+        set_segment_class(segment, infos[index])
+        segment.AddRepresentation(representation, image)
+        segment.SetLabelValue(value)  # the voxel value of this class in the shared image
+        segment.SetTag(TAG_REVIEW, "unreviewed")
+        segment.SetTag(TAG_VOXELS, str(int(np.count_nonzero(layer[index]))))
+        if model_name:
+            segment.SetTag(TAG_MODEL, model_name)
+        segments[index] = segment
+    return segments
+
+
+def insert_class_masks(scene, volume_node, masks: Mapping[int, np.ndarray], classes: Sequence[ClassInfo],
+                       segmentation_node=None, replace_existing: bool = False, model_name: str = "",
+                       show_3d: bool = True, tracker=None) -> AppliedResult:
+    """Add one segment per class of ``masks`` (IJK bool arrays on ``volume_node``'s grid).
+
+    Args:
+        scene: the MRML scene (a new segmentation node is added to it when ``segmentation_node`` is None).
+        volume_node: the input volume; its grid is the segmentation's reference geometry.
+        masks: ``{class index: mask}``.
+        classes: ClassInfo of every class in ``masks`` (names, colours, terminology).
+        segmentation_node: an existing segmentation to add to; its other segments are not modified.
+        replace_existing: replace the segments of classes that already have one (otherwise such classes
+            raise :class:`ExistingSegmentsError` and nothing is changed).
+        model_name: recorded on each segment.
+        show_3d: build closed surfaces and show them in 3D views.
+        tracker: an :class:`~.review.EditTracker` of the node, suspended while the result goes in.
+    """
+    import slicer
+
+    infos = {info.index: info for info in classes}
+    missing = sorted(set(masks) - set(infos))
+    if missing:
+        raise ValueError(f"no class information for class index(es) {missing}")
+    dims = tuple(volume_node.GetImageData().GetDimensions())
+    checked = {}
+    for index in [info.index for info in classes if info.index in masks]:  # taxonomy order
+        mask = np.asarray(masks[index])
+        if mask.shape != dims:
+            raise ValueError(f"the mask of {infos[index].display_name} has shape {mask.shape}; the volume "
+                             f"{volume_node.GetName()} has {dims} voxels (IJK)")
+        checked[index] = mask.astype(bool, copy=False)
+
+    created = segmentation_node is None
+    if created:
+        segmentation_node = slicer.vtkMRMLSegmentationNode()
+        segmentation_node.SetName(scene.GenerateUniqueName(f"{volume_node.GetName()} segmentation"))
+    existing = class_segment_ids(segmentation_node, [infos[i] for i in checked]) if not created else {}
+    if existing and not replace_existing:
+        raise ExistingSegmentsError(segmentation_node.GetName(), [infos[i] for i in existing])
+
+    # Everything that can fail happens before the segmentation is touched.
+    ijk_to_ras = affine_of_volume_node(volume_node, world=False)
+    order = list(checked)
+    new_segments: dict[int, object] = {}
+    for layer in build_layers(checked, order):
+        new_segments.update(_layer_segments(layer, infos, ijk_to_ras, model_name))
+
+    result = AppliedResult(segmentation_node, created_node=created)
+    segmentation = segmentation_node.GetSegmentation()
+    was_modifying = segmentation_node.StartModify()
+    try:
+        with (tracker.suspended() if tracker is not None else contextlib.nullcontext()):
+            if not created and segmentation.GetNumberOfSegments() == 0:
+                prepare_segmentation_node(segmentation_node, volume_node)
+            ids = list(segmentation.GetSegmentIDs())
+            for index in order:
+                segment = new_segments[index]
+                if index in existing:
+                    old_id = existing[index]
+                    position = ids.index(old_id)
+                    before = ids[position + 1] if position + 1 < len(ids) else ""
+                    segmentation.RemoveSegment(old_id)
+                    segmentation.AddSegment(segment, old_id, before)
+                    result.segment_ids[index] = old_id
+                    result.replaced.append(index)
+                else:
+                    segment_id = infos[index].key
+                    if segmentation.GetSegment(segment_id) is not None:
+                        segment_id = segmentation.GenerateUniqueSegmentID(segment_id)
+                    segmentation.AddSegment(segment, segment_id)
+                    result.segment_ids[index] = segment_id
+    finally:
+        segmentation_node.EndModify(was_modifying)
+
+    if created:
+        scene.AddNode(segmentation_node)
+        prepare_segmentation_node(segmentation_node, volume_node)
+    elif segmentation_node.GetDisplayNode() is None and segmentation_node.GetScene() is not None:
+        segmentation_node.CreateDefaultDisplayNodes()
+    _place_in_hierarchy(scene, segmentation_node, volume_node)
+    if show_3d:
+        show_closed_surfaces(segmentation_node, tracker)
+    return result
+
+
+def show_closed_surfaces(segmentation_node, tracker=None) -> None:
+    """Closed-surface representation, shown in 3D views (smoothed a little, as Slicer's "Show 3D")."""
+    display = segmentation_node.GetDisplayNode()
+    with (tracker.suspended() if tracker is not None else contextlib.nullcontext()):
+        segmentation_node.CreateClosedSurfaceRepresentation()
+    if display is not None:
+        display.SetPreferredDisplayRepresentationName3D("Closed surface")
+        display.SetVisibility3D(True)
+
+
+def _place_in_hierarchy(scene, segmentation_node, volume_node) -> None:
+    """Put the segmentation under the volume's study (needed for DICOM SEG export in Slicer)."""
+    import slicer
+
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if hierarchy is None:
+        return
+    volume_item = hierarchy.GetItemByDataNode(volume_node)
+    segmentation_item = hierarchy.GetItemByDataNode(segmentation_node)
+    if volume_item and segmentation_item:  # 0 when no subject-hierarchy plugin created the items
+        parent = hierarchy.GetItemParent(volume_item)
+        if parent and hierarchy.GetItemParent(segmentation_item) != parent:
+            hierarchy.SetItemParent(segmentation_item, parent)
