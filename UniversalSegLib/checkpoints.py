@@ -27,6 +27,7 @@ import torch
 
 from . import __version__
 from .inference import InferenceParameters
+from .models import OFFICIAL_LICENSE
 from .model import BACKBONES, ModelConfig, UniversalModel
 from .preprocess import PreprocessingParameters
 from .taxonomy import ClassInfo, Taxonomy, get_taxonomy
@@ -45,11 +46,6 @@ __all__ = [
 FORMAT_NAME = "universalseg-checkpoint"
 FORMAT_VERSION = 1
 _METADATA_KEY = "universalseg"
-OFFICIAL_LICENSE = (
-    "Weights of the CLIP-Driven Universal Model (Liu et al., ICCV 2023), released by the authors under "
-    "CC BY-NC-ND 4.0: non-commercial use, no redistribution of modified weights. Obtained by the user from "
-    "the official release; not distributed with UniversalSeg."
-)
 _OFFICIAL_EMBEDDING = "clip-vit-b32-openai"
 # Top-level modules of the official Swin UNETR that the released (pre-2023, flat) layout has at the root.
 _FLAT_SWIN_PREFIXES = ("swinViT.", "encoder", "decoder")

@@ -27,11 +27,11 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise DeviceError(f"Unknown device {name!r}; use auto, cpu, cuda or cuda:N.") from err
+        raise DeviceError(f"Unknown device {name!r}; choose auto, cpu, cuda or cuda:N.") from err
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError("A CUDA GPU was requested, but PyTorch sees none (no NVIDIA GPU, no driver, or a "
-                              "CPU-only PyTorch build). Use --device cpu or auto.")
+                              "CPU-only PyTorch build). Choose the CPU (or automatic) device instead.")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeviceError(f"GPU {device.index} requested, but only {torch.cuda.device_count()} GPU(s) are visible.")
     elif device.type not in ("cpu", "mps"):

@@ -16,10 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .checkpoints import OFFICIAL_LICENSE, CheckpointError, load_checkpoint
+# Torch-free at import (checkpoints are only opened to validate a file): the Slicer module lists models and
+# shows their licence before PyTorch is installed.
+OFFICIAL_LICENSE = (
+    "Weights of the CLIP-Driven Universal Model (Liu et al., ICCV 2023), released by the authors under "
+    "CC BY-NC-ND 4.0: non-commercial use, no redistribution of modified weights. Obtained by the user from "
+    "the official release; not distributed with UniversalSeg."
+)
 
 __all__ = [
-    "ModelSpec", "REGISTRY", "ModelNotAvailable", "ChecksumMismatch", "models_dir", "installed_path",
+    "ModelSpec", "REGISTRY", "OFFICIAL_LICENSE", "ModelNotAvailable", "ChecksumMismatch", "models_dir", "installed_path",
     "list_models", "download_model", "import_model", "resolve_model",
 ]
 
@@ -125,6 +131,8 @@ def _verify(spec: ModelSpec, path: Path, source: str) -> str:
 
 def _install(spec: ModelSpec, tmp: Path, source: str) -> Path:
     """Verify a complete temporary file, validate it as a checkpoint, and move it into the cache."""
+    from .checkpoints import CheckpointError, load_checkpoint
+
     sha = _verify(spec, tmp, source)
     try:
         load_checkpoint(tmp, backbone=spec.backbone)
@@ -212,7 +220,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
             raise ModelNotAvailable(
                 f"Model {text!r} is not installed. Download it ({spec.size_mb} MB; licence: CC BY-NC-ND 4.0, "
                 f"non-commercial) with:\n    universalseg models download {text}\nor, offline, import a copy of "
-                f"{spec.filename} with:\n    universalseg models import /path/to/{spec.filename}")
+                f"{spec.filename} with:\n    universalseg models import /path/to/{spec.filename}\n(in 3D Slicer: "
+                "the Download and Import buttons of the UniversalSeg module)")
         return path
     path = Path(text).expanduser()
     if path.is_file():
