@@ -35,7 +35,7 @@ import numpy as np
 
 from ..taxonomy import Taxonomy, TaxonomyError, get_taxonomy
 from .atomic import AtomicOutputGroup, prepare_output_path
-from .errors import InputNotFoundError, InvalidMaskError, UniversalSegIOError
+from .errors import InputNotFoundError, UniversalSegIOError
 from .masks import label_map_from_masks, validate_masks
 from .volume import Volume, spacing_from_affine
 from .writers import nifti_image
