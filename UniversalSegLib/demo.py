@@ -198,7 +198,7 @@ def run_demo(output_dir: str | Path, seed: int | None = None, checkpoint: str | 
     try:
         import matplotlib  # noqa: F401  (only the PNG needs it)
     except ImportError:
-        say("overlay.png skipped: matplotlib is not installed (pip install matplotlib)")
+        say("overlay.png skipped: matplotlib is not installed (pip install 'universalseg[demo]')")
         del files["overlay"]
     else:
         with atomic_output(files["overlay"], overwrite) as temporary:
