@@ -74,8 +74,12 @@ class OutputPlan:
         out["summary"] = f / f"{c}_summary.json"
         return out
 
-    def check(self, overwrite: bool) -> None:
-        """Fail before any work if the folder is not writable or an output exists (and overwrite is off)."""
+    def check(self, overwrite: bool, input_format: str | None = None) -> None:
+        """Fail before any work if the folder is not writable, an output exists (and overwrite is off), or
+        a DICOM SEG is asked for an input that is not DICOM (when ``input_format`` is known)."""
+        if input_format is not None and "dicom-seg" in self.formats and input_format != "dicom":
+            raise DicomSegError("DICOM SEG output needs a DICOM input series (it references the source images); "
+                                f"the input is {input_format}. Choose nifti, seg.nrrd or masks.")
         ensure_writable_folder(self.folder)
         for name, path in self.paths().items():
             if name == "masks":
@@ -91,10 +95,7 @@ def plan_outputs(input_path: str | os.PathLike, output_folder: str | os.PathLike
 
 def write_result(result: SegmentationResult, plan: OutputPlan, overwrite: bool = False) -> dict[str, Path]:
     """Write every planned output. If one fails, the outputs this call already created are removed again."""
-    plan.check(overwrite)
-    if "dicom-seg" in plan.formats and result.volume.format != "dicom":
-        raise DicomSegError("DICOM SEG output needs a DICOM input series (it references the source images); "
-                            f"the input is {result.volume.format}. Choose nifti, seg.nrrd or masks.")
+    plan.check(overwrite, result.volume.format)
     paths = plan.paths()
     taxonomy = result.classes
     masks = result.masks
@@ -154,10 +155,7 @@ def segment_file(input_path: str | os.PathLike, output_folder: str | os.PathLike
         segmenter = Segmenter(resolve_model(model), device=device, precision=precision, threads=threads, reference=reference)
     requested = segmenter.resolve(classes)
     if plan is not None:
-        plan.check(overwrite)
-        if "dicom-seg" in plan.formats and volume.format != "dicom":
-            raise DicomSegError("DICOM SEG output needs a DICOM input series; the input is "
-                                f"{volume.format}. Choose nifti, seg.nrrd or masks.")
+        plan.check(overwrite, volume.format)
     result = segmenter.segment(volume, requested, progress=progress, show_progress=show_progress)
     written = write_result(result, plan, overwrite) if plan is not None else {}
     return result, written

@@ -141,8 +141,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     segmenter = Segmenter(checkpoint, device=args.device, precision=args.precision, threads=args.threads,
                           reference=args.reference_mode)
     classes = segmenter.resolve(classes)
-    if "dicom-seg" in plan.formats and volume.format != "dicom":
-        raise _Failure(5, "DICOM SEG output needs a DICOM input series; choose nifti, seg.nrrd or masks.")
+    plan.check(args.overwrite, volume.format)
     say(f"model: {checkpoint} ({segmenter.checkpoint.metadata.model.backbone}) on {segmenter.device}")
     say(f"classes ({len(classes)}): {', '.join(c.display_name for c in classes)}")
 
