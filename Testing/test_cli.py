@@ -190,3 +190,17 @@ def test_console_entry_point_help_lists_exit_codes():
     assert done.returncode == 0
     for code in EXIT_CODES:
         assert f"{code:>3}  " in done.stdout
+
+
+def test_mode_option_selects_the_inference_mode(model, tmp_path, capsys):
+    ct = require_shared("data/totalsegmentator/example_ct.nii.gz")
+    results = {}
+    for mode in ("fast", "default"):
+        code, stdout, stderr = run(["segment", ct, "-o", tmp_path / mode, "--classes", "liver", "--model", model,
+                                    "--device", "cpu", "--json", "--quiet", "--mode", mode], capsys)
+        assert code == 0, stderr
+        results[mode] = json.loads(stdout)
+    assert results["fast"]["windows"] < results["default"]["windows"]
+    code, _, stderr = run(["segment", ct, "-o", tmp_path / "both", "--classes", "liver", "--model", model,
+                           "--mode", "fast", "--reference-mode"], capsys)
+    assert code == 2 and "contradicts" in stderr and not (tmp_path / "both").exists()

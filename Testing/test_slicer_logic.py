@@ -409,7 +409,7 @@ def test_parameters_live_in_the_scenes_parameter_node(headless):
     assert ModuleParameters.read(node) == ModuleParameters()
     volume = _synthetic_node(headless)
     chosen = ModuleParameters(input_volume_id=volume.GetID(), classes=["liver", "liver_tumor"], model="unet",
-                              device="cpu", show_3d=False)
+                              device="cpu", show_3d=False, mode="fast")
     chosen.write(node)
     assert ModuleParameters.read(node) == chosen
 
@@ -419,5 +419,22 @@ def test_estimate_scales_with_the_image_and_the_device(headless, logic):
     cpu = logic.estimate(node, "cpu")
     gpu = logic.estimate(node, "cuda")
     assert cpu.windows == gpu.windows > 10
-    assert cpu.seconds > 20 * gpu.seconds and cpu.ram_gb > 4 and gpu.gpu_gb > 1
+    assert cpu.seconds > 20 * gpu.seconds and cpu.ram_gb > 2 and gpu.gpu_gb > 1
     assert "windows" in cpu.text() and "GPU memory" in gpu.text()
+    fast = logic.estimate(node, "cpu", mode="fast")
+    assert fast.windows < cpu.windows and fast.seconds < cpu.seconds
+
+
+def test_fast_mode_runs_from_the_module_logic(small_model, headless, logic):
+    """The mode chosen in the module reaches the library: the fast run has its own (cached) segmenter and
+    gives segments on the volume like a default run."""
+    node = headless.load_volume(require_shared(CT), "ct")
+    default = _wait(logic.start_segmentation(node, "liver, spleen", small_model, "cpu"))
+    default_segmenter = logic._segmenter
+    fast = _wait(logic.start_segmentation(node, "liver, spleen", small_model, "cpu", mode="fast"))
+    assert logic._segmenter is not default_segmenter and logic._segmenter.mode.name == "fast"
+    applied = logic.apply_result(fast, node)
+    names = [applied.segmentation_node.GetSegmentation().GetNthSegment(i).GetName()
+             for i in range(applied.segmentation_node.GetSegmentation().GetNumberOfSegments())]
+    assert sorted(names) == ["Liver", "Spleen"]
+    assert default.result().result.masks.keys() == fast.result().result.masks.keys()

@@ -22,7 +22,7 @@ from UniversalSegSlicer import ClassCatalog, ExistingSegmentsError, JobCancelled
 from UniversalSegSlicer.dependencies import check_requirements, plan_installation, run_installation
 from UniversalSegSlicer.export import suggest_case_id
 from UniversalSegSlicer.messages import plain_message
-from UniversalSegSlicer.parameters import DEVICES, SETTINGS_KEYS, ModuleParameters
+from UniversalSegSlicer.parameters import DEVICES, MODES, SETTINGS_KEYS, ModuleParameters
 
 CUSTOM_MODEL = "__file__"
 
@@ -79,16 +79,20 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.reviewTableWidget.setHorizontalHeaderLabels(["Segment", "Review"])
         for value, label in DEVICES:
             self.ui.deviceComboBox.addItem(label, value)
+        for value, label in MODES:
+            self.ui.modeComboBox.addItem(label, value)
         self.populateClasses()
         self.populateModels()
         settings = qt.QSettings()
         self.selectComboData(self.ui.modelComboBox, settings.value(SETTINGS_KEYS["model"], "swinunetr"))
         self.selectComboData(self.ui.deviceComboBox, settings.value(SETTINGS_KEYS["device"], "auto"))
+        self.selectComboData(self.ui.modeComboBox, settings.value(SETTINGS_KEYS["mode"], "default"))
 
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSettingsChanged)
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onOutputChanged)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onSettingsChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onSettingsChanged)
+        self.ui.modeComboBox.connect("currentIndexChanged(int)", self.onSettingsChanged)
         self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onSettingsChanged)
         self.ui.classTreeWidget.connect("itemChanged(QTreeWidgetItem*,int)", self.onSettingsChanged)
         self.ui.classSearchLineEdit.connect("textChanged(QString)", self.onSearch)
@@ -140,6 +144,7 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.selectComboData(self.ui.modelComboBox, CUSTOM_MODEL)
             self.ui.checkpointPathLineEdit.currentPath = parameters.model
         self.selectComboData(self.ui.deviceComboBox, parameters.device)
+        self.selectComboData(self.ui.modeComboBox, parameters.mode)
         self.setCheckedClasses(parameters.classes)
         self.ui.show3DCheckBox.checked = parameters.show_3d
         self.onSettingsChanged()
@@ -223,9 +228,11 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         output = self.ui.outputSegmentationSelector.currentNode()
         ModuleParameters(volume.GetID() if volume else None, output.GetID() if output else None, classes,
                          str(self.model() or ""), self.ui.deviceComboBox.currentData,
-                         self.ui.show3DCheckBox.checked).write(self.logic.getParameterNode())
+                         self.ui.show3DCheckBox.checked, self.ui.modeComboBox.currentData).write(
+                             self.logic.getParameterNode())
         qt.QSettings().setValue(SETTINGS_KEYS["model"], self.ui.modelComboBox.currentData)
         qt.QSettings().setValue(SETTINGS_KEYS["device"], self.ui.deviceComboBox.currentData)
+        qt.QSettings().setValue(SETTINGS_KEYS["mode"], self.ui.modeComboBox.currentData)
         selected = [self.catalog.taxonomy.by_key(key) for key in classes]
         self.ui.selectionLabel.text = ClassCatalog.describe(selected)
         try:
@@ -234,7 +241,8 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.licenseLabel.text = "Install the dependencies to see the model's licence."
         if volume is not None:
             backbone = "unet" if "unet" in str(self.model()) else "swinunetr"
-            estimate = self.logic.estimate(volume, self.ui.deviceComboBox.currentData, max(1, len(classes)), backbone)
+            estimate = self.logic.estimate(volume, self.ui.deviceComboBox.currentData, max(1, len(classes)), backbone,
+                                           mode=self.ui.modeComboBox.currentData)
             self.ui.estimateLabel.text = estimate.text()
         self.ui.applyButton.enabled = self.job is None and volume is not None and bool(classes)
         self.ui.applyButton.toolTip = "" if self.ui.applyButton.enabled else "Select an input volume and classes."
@@ -322,7 +330,8 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if not classes:
                     return
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
-            job = self.logic.start_segmentation(volume, classes, self.model(), self.ui.deviceComboBox.currentData)
+            job = self.logic.start_segmentation(volume, classes, self.model(), self.ui.deviceComboBox.currentData,
+                                                mode=self.ui.modeComboBox.currentData)
             self.startJob(job, lambda job: self.onSegmentationFinished(job, volume))
 
     def onSegmentationFinished(self, job, volume):

@@ -139,20 +139,23 @@ def segment_file(input_path: str | os.PathLike, output_folder: str | os.PathLike
                  classes: str | Sequence[str] | None = None, model: str | os.PathLike = "swinunetr",
                  device: str = "auto", precision: str = "float32", threads: int | None = None,
                  formats: str | Sequence[str] | None = None, series_uid: str | None = None, force: bool = False,
-                 overwrite: bool = False, reference: bool = False, progress: ProgressCallback | None = None,
+                 overwrite: bool = False, reference: bool = False, mode: str | None = None,
+                 progress: ProgressCallback | None = None,
                  show_progress: bool = False, segmenter: Segmenter | None = None) -> tuple[SegmentationResult, dict[str, Path]]:
     """Read ``input_path``, segment ``classes`` (None = all), write the results into ``output_folder``.
 
     Everything that can be checked before the (slow) network runs is checked first: the input, the class
     names, the model, the output folder and existing outputs. Returns the result and the written paths
-    (empty when ``output_folder`` is None).
+    (empty when ``output_folder`` is None). ``mode`` is ``"default"``, ``"fast"`` or ``"reference"``
+    (:data:`UniversalSegLib.pipeline.MODES`); ``reference=True`` means ``mode="reference"``.
     """
     from .models import resolve_model
 
     plan = plan_outputs(input_path, output_folder, formats) if output_folder is not None else None
     volume: Volume = read_volume(input_path, series_uid=series_uid, force=force)
     if segmenter is None:
-        segmenter = Segmenter(resolve_model(model), device=device, precision=precision, threads=threads, reference=reference)
+        segmenter = Segmenter(resolve_model(model), device=device, precision=precision, threads=threads, reference=reference,
+                              mode=mode)
     requested = segmenter.resolve(classes)
     if plan is not None:
         plan.check(overwrite, volume.format)

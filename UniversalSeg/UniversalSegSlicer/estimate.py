@@ -3,8 +3,9 @@
 The costs that matter (DESIGN.md, performance model): the number of 96^3 windows (image size after
 resampling to 1.5 mm, overlap 0.5), the time of one window on the chosen device, and the memory of one
 forward plus the per-class arrays. The window count is an upper bound: the body crop is not known
-before preprocessing. Per-window times are measurements of the official-size networks (CPU: 2-core AMD
-EPYC, float32, see the fidelity fixture's ``bench_cpu.jsonl``); GPU times are typical values.
+before preprocessing. Per-window times are measurements of the official-size networks with UniversalSeg's
+CPU path (2-core AMD EPYC, float32, 2 threads, ``benchmarks/benchmark_modes.py``); GPU times are typical
+values.
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ __all__ = ["RunEstimate", "estimate_run", "SECONDS_PER_WINDOW"]
 
 #: (backbone, device type) -> seconds per 96^3 window at batch 1, float32 (CPU: with 2 threads).
 SECONDS_PER_WINDOW = {
-    ("swinunetr", "cpu"): 15.6,
-    ("unet", "cpu"): 21.9,
+    ("swinunetr", "cpu"): 10.3,
+    ("unet", "cpu"): 17.0,
     ("swinunetr", "cuda"): 0.25,
     ("unet", "cuda"): 0.15,
 }
-#: Peak memory of one official-size forward (GB): CPU measured, GPU typical for float32.
-FORWARD_MEMORY_GB = {"cpu": 4.7, "cuda": 3.5}
+#: Peak memory of the process around one official-size forward (GB): on the CPU, measured: Python with
+#: PyTorch and MONAI (0.8), the weights (0.25) and one 96^3 window's intermediates (0.65); GPU typical.
+FORWARD_MEMORY_GB = {"cpu": 1.7, "cuda": 3.5}
 _REFERENCE_WINDOW = 96 ** 3
 
 
@@ -53,8 +55,12 @@ def _windows_per_axis(length: int, roi: int, overlap: float) -> int:
 
 def estimate_run(shape: Sequence[int], spacing: Sequence[float], backbone: str = "swinunetr", device: str = "cpu",
                  classes: int = 32, threads: int = 2, target_spacing: Sequence[float] = (1.5, 1.5, 1.5),
-                 roi: Sequence[int] = (96, 96, 96), overlap: float = 0.5) -> RunEstimate:
-    """Estimate for a volume of ``shape`` voxels of ``spacing`` mm on ``device`` ("cpu" or "cuda")."""
+                 roi: Sequence[int] = (96, 96, 96), overlap: float = 0.5, streaming: bool = True) -> RunEstimate:
+    """Estimate for a volume of ``shape`` voxels of ``spacing`` mm on ``device`` ("cpu" or "cuda").
+
+    ``streaming``: the default and fast modes blend windows into masks one slab at a time (float16); the
+    reference mode holds float32 logits of every class over the whole image.
+    """
     device = "cuda" if device.startswith("cuda") or device == "gpu" else "cpu"
     resampled = [max(1, round((n - 1) * s / t + 1)) for n, s, t in zip(shape, spacing, target_spacing)]
     windows = math.prod(_windows_per_axis(n, r, overlap) for n, r in zip(resampled, roi))
@@ -64,8 +70,15 @@ def estimate_run(shape: Sequence[int], spacing: Sequence[float], backbone: str =
         per_window *= (2.0 / max(1, min(int(threads), 16))) ** 0.85  # measured with 2 threads; sub-linear scaling
     resampled_voxels = math.prod(resampled)
     input_voxels = math.prod(int(n) for n in shape)
-    # image + weight map (float32) + logits of every class (float32) + masks on the input grid (bool)
-    arrays = (8 * resampled_voxels + 4 * classes * resampled_voxels + classes * input_voxels) / 1e9
+    if streaming:
+        # image (float32) + a window-thick float16 slab per class + raw and cleaned bool masks + input masks
+        # (made class by class beyond 0.5 GB)
+        slab = 2 * classes * resampled_voxels * min(1.0, roi[0] / max(resampled))
+        arrays = (4 * resampled_voxels + slab + 2 * classes * resampled_voxels
+                  + min(classes * input_voxels, 0.5e9)) / 1e9
+    else:
+        # image + weight map (float32) + logits of every class (float32) + masks on the input grid (bool)
+        arrays = (8 * resampled_voxels + 4 * classes * resampled_voxels + classes * input_voxels) / 1e9
     forward = FORWARD_MEMORY_GB[device] * window_scale
     if device == "cuda":
         return RunEstimate(windows, windows * per_window, arrays + 1.0, forward, device)

@@ -133,20 +133,21 @@ class SegmentationLogic:
         text = str(model)
         return text if os.sep not in text and "/" not in text else Path(text).name
 
-    def _load_segmenter(self, model, device: str, precision: str = "float32"):
+    def _load_segmenter(self, model, device: str, precision: str = "float32", mode: str = "default"):
         """A cached :class:`~UniversalSegLib.pipeline.Segmenter` (loaded in the worker thread)."""
         from UniversalSegLib.pipeline import Segmenter
 
         path = self.resolve_model(model)
         stat = path.stat()
-        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, device, precision)
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, device, precision, mode)
         with self._segmenter_lock:
             if self._segmenter_key != key:
                 self._segmenter = None  # free the previous model before loading the next one
                 threads = self.threads
                 if threads is None and device != "cuda":
                     threads = max(1, (os.cpu_count() or 2) - 1)
-                self._segmenter = Segmenter(str(path), device=device, precision=precision, threads=threads)
+                self._segmenter = Segmenter(str(path), device=device, precision=precision, threads=threads,
+                                            mode=mode)
                 self._segmenter_key = key
             return self._segmenter
 
@@ -159,12 +160,13 @@ class SegmentationLogic:
     # -------------------------------------------------------------------------------------- segmentation
     def start_segmentation(self, volume_node, classes: str | Sequence[str | int | ClassInfo] | None, model,
                            device: str = "auto", on_progress: Callable[[str, float], None] | None = None,
-                           keep_prediction: bool | None = None) -> BackgroundJob:
+                           keep_prediction: bool | None = None, mode: str = "default") -> BackgroundJob:
         """Start segmenting ``classes`` (None: all classes of the model) of ``volume_node`` in the background.
 
         The volume's voxels are copied now, so the scene may change while the job runs. When all classes
         are requested the prediction is also cached for click-to-select (``keep_prediction`` forces it).
-        Returns at once; poll ``job.done()`` and call :meth:`apply_result` on the main thread.
+        Returns at once; poll ``job.done()`` and call :meth:`apply_result` on the main thread. ``mode`` is
+        an inference mode of :data:`UniversalSegLib.pipeline.MODES` ("default", "fast", "reference").
         """
         volume = volume_from_node(volume_node)  # copy on the main thread: the worker never touches MRML
         fingerprint = volume_fingerprint(volume_node)
@@ -177,7 +179,7 @@ class SegmentationLogic:
             from UniversalSegLib.io.validation import ensure_ct
 
             job.report("load", 0.0)
-            segmenter = self._load_segmenter(model, device)
+            segmenter = self._load_segmenter(model, device, mode=mode)
             job.report("load", 1.0)
             job.check_cancelled()
             job.report("check", 0.0)
@@ -239,9 +241,10 @@ class SegmentationLogic:
         return applied
 
     def segment(self, volume_node, classes, model, device: str = "auto", segmentation_node=None,
-                replace_existing: bool = False, show_3d: bool = True, timeout: float | None = None) -> AppliedResult:
+                replace_existing: bool = False, show_3d: bool = True, timeout: float | None = None,
+                mode: str = "default") -> AppliedResult:
         """Blocking convenience for scripts and self-tests: start, wait, apply."""
-        job = self.start_segmentation(volume_node, classes, model, device)
+        job = self.start_segmentation(volume_node, classes, model, device, mode=mode)
         if not job.wait(timeout):
             job.cancel()
             job.wait()
@@ -341,7 +344,8 @@ class SegmentationLogic:
         return table_node
 
     # ------------------------------------------------------------------------------------------- estimate
-    def estimate(self, volume_node, device: str = "auto", classes: int = 32, backbone: str = "swinunetr") -> RunEstimate:
+    def estimate(self, volume_node, device: str = "auto", classes: int = 32, backbone: str = "swinunetr",
+                 mode: str = "default") -> RunEstimate:
         """Rough time and memory of a run of the official-size model on this volume."""
         import vtk
 
@@ -352,7 +356,9 @@ class SegmentationLogic:
         if device == "auto":
             device = "cuda" if _cuda_available() else "cpu"
         threads = self.threads or max(1, (os.cpu_count() or 2) - 1)
-        return estimate_run(image.GetDimensions(), spacing, backbone, device, classes, threads)
+        overlap = 0.0 if mode == "fast" else 0.5  # window counts of the modes (UniversalSegLib.pipeline.MODES)
+        return estimate_run(image.GetDimensions(), spacing, backbone, device, classes, threads, overlap=overlap,
+                            streaming=mode != "reference")
 
     def shutdown(self) -> None:
         """Stop observing and release the worker thread and the loaded model."""

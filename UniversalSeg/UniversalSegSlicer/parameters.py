@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ModuleParameters", "SETTINGS_KEYS", "DEVICES"]
+__all__ = ["ModuleParameters", "SETTINGS_KEYS", "DEVICES", "MODES"]
 
 #: Device choices offered: value -> label.
 DEVICES = (("auto", "Automatic (GPU when available)"), ("cuda", "GPU (CUDA)"), ("cpu", "CPU"))
+#: Inference modes offered (UniversalSegLib.pipeline.MODES): value -> label.
+MODES = (("default", "Default (official windows, bugs fixed)"), ("fast", "Fast (fewest windows, for CPUs)"),
+         ("reference", "Reference (official pipeline, bugs included)"))
 #: Application-settings keys (QSettings) for per-user defaults.
 SETTINGS_KEYS = {"model": "UniversalSeg/Model", "device": "UniversalSeg/Device",
-                 "export_folder": "UniversalSeg/ExportFolder", "show_3d": "UniversalSeg/Show3D"}
+                 "export_folder": "UniversalSeg/ExportFolder", "show_3d": "UniversalSeg/Show3D",
+                 "mode": "UniversalSeg/Mode"}
 
 _INPUT_REFERENCE = "InputVolume"
 _OUTPUT_REFERENCE = "OutputSegmentation"
@@ -28,6 +32,7 @@ class ModuleParameters:
     model: str = "swinunetr"  # registered model name or checkpoint path
     device: str = "auto"
     show_3d: bool = True
+    mode: str = "default"
 
     @classmethod
     def read(cls, node) -> "ModuleParameters":
@@ -35,6 +40,7 @@ class ModuleParameters:
         defaults = cls()
         classes = node.GetParameter("Classes")
         device = node.GetParameter("Device") or defaults.device
+        mode = node.GetParameter("Mode") or defaults.mode
         return cls(
             input_volume_id=node.GetNodeReferenceID(_INPUT_REFERENCE),
             output_segmentation_id=node.GetNodeReferenceID(_OUTPUT_REFERENCE),
@@ -42,6 +48,7 @@ class ModuleParameters:
             model=node.GetParameter("Model") or defaults.model,
             device=device if device in dict(DEVICES) else defaults.device,
             show_3d=(node.GetParameter("Show3D") or "true") == "true",
+            mode=mode if mode in dict(MODES) else defaults.mode,
         )
 
     def write(self, node) -> None:
@@ -54,5 +61,6 @@ class ModuleParameters:
             node.SetParameter("Model", self.model)
             node.SetParameter("Device", self.device)
             node.SetParameter("Show3D", "true" if self.show_3d else "false")
+            node.SetParameter("Mode", self.mode)
         finally:
             node.EndModify(was_modifying)

@@ -15,7 +15,7 @@ class): the class with the highest priority wins, where priority is, in order,
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -30,6 +30,53 @@ OVERLAP_RULE = (
     "classes of the same kind the smaller mask wins; on a tie the lower class index wins. "
     "The per-class masks, .seg.nrrd and DICOM SEG outputs keep every class."
 )
+
+
+class LazyMasks(Mapping):
+    """Read-only ``{class index: bool mask}`` whose masks are made on access, one class at a time.
+
+    A fine CT (512 x 512 x 800 voxels) has 210 MB per mask, so 32 classes cannot all be held at once;
+    writers and statistics visit classes one by one. Masks are cached while the cache stays within
+    ``cache_bytes`` (all of them for a typical CT), and recomputed on access otherwise.
+
+    Args:
+        shape: the grid of every mask.
+        makers: ``{class index: function returning that class's bool mask of shape `shape`}``.
+        cache_bytes: how many bytes of made masks to keep.
+    """
+
+    def __init__(self, shape: tuple[int, ...], makers: Mapping[int, Callable[[], np.ndarray]],
+                 cache_bytes: int = 512 * 2**20) -> None:
+        self.shape = tuple(int(n) for n in shape)
+        self._makers = dict(makers)
+        self._cache: dict[int, np.ndarray] = {}
+        self._cache_bytes = int(cache_bytes)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if index in self._cache:
+            return self._cache[index]
+        mask = self._makers[index]()
+        if mask.shape != self.shape or mask.dtype != bool:
+            raise InvalidMaskError(f"class {index}: made a {mask.dtype} mask of shape {mask.shape}, expected "
+                                   f"bool {self.shape}")
+        if (len(self._cache) + 1) * mask.nbytes <= self._cache_bytes:
+            mask.setflags(write=False)  # cached masks are shared by every reader
+            self._cache[index] = mask
+        return mask
+
+    def __iter__(self):
+        return iter(self._makers)
+
+    def __len__(self) -> int:
+        return len(self._makers)
+
+    def fill_cache(self) -> bool:
+        """Make and cache every mask if they fit the cache budget; True when all are cached."""
+        if len(self) * int(np.prod(self.shape)) > self._cache_bytes:
+            return False
+        for index in self:
+            self[index]
+        return True
 
 
 def classes_by_index(classes: Any) -> dict[int, Any]:
@@ -50,6 +97,14 @@ def validate_masks(volume: Volume, masks: Mapping[int, np.ndarray], classes: Any
     table = classes_by_index(classes)
     if not isinstance(masks, Mapping):
         raise InvalidMaskError(f"masks must be a dict {{class index: bool array}}, got {type(masks).__name__}.")
+    if isinstance(masks, LazyMasks):
+        # Bool masks of a known shape by construction: check keys and grid without making them all.
+        unknown = sorted(set(masks) - set(table))
+        if unknown:
+            raise InvalidMaskError(f"masks are given for class indices {unknown}, which are not in the class list.")
+        if masks.shape != tuple(volume.shape):
+            raise InvalidMaskError(f"the masks have shape {masks.shape}, but the volume has {volume.shape}.")
+        return masks, table
     checked: dict[int, np.ndarray] = {}
     for key in sorted(masks, key=lambda k: int(k) if isinstance(k, (int, np.integer)) else -1):
         if not isinstance(key, (int, np.integer)) or isinstance(key, bool):

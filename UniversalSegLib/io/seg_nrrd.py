@@ -59,6 +59,9 @@ def build_segmentation(volume: Volume, masks: Mapping[int, np.ndarray], table: M
     return segmentation
 
 
+_GZIP_LEVEL = 1
+
+
 def write_seg_nrrd(path, volume: Volume, masks: Mapping[int, np.ndarray], classes: Any, overwrite: bool = False) -> Path:
     """Write a Slicer ``.seg.nrrd``: one segment per class, overlapping classes kept, on the volume's grid.
 
@@ -78,5 +81,6 @@ def write_seg_nrrd(path, volume: Volume, masks: Mapping[int, np.ndarray], classe
     path = prepare_output_path(path, overwrite)  # fail before the work if the name is taken
     segmentation = build_segmentation(volume, masks, table)
     with atomic_output(path, overwrite) as temporary:
-        slicerio.write_segmentation(str(temporary), segmentation)
+        # gzip level 1: ~10x faster than slicerio's default 9 on 32 segments, files ~20 % larger.
+        slicerio.write_segmentation(str(temporary), segmentation, compression_level=_GZIP_LEVEL)
     return path

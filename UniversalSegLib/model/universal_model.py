@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import lean
 from .swin_unetr import SwinUNETRBackbone
 from .unet import UNet3DBackbone
 
@@ -27,7 +28,7 @@ _HEAD_SPLITS = (HEAD_CHANNELS * HEAD_CHANNELS, HEAD_CHANNELS * HEAD_CHANNELS, HE
 HEAD_PARAMS = sum(_HEAD_SPLITS)  # 153
 _GAP_CHANNELS = 256
 # Bytes of head intermediates per chunk of classes; bounds memory for 32 classes on big windows.
-_HEAD_CHUNK_BYTES = 256 * 2**20
+_HEAD_CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,15 @@ class UniversalModel(nn.Module):
             raise ValueError(f"Expected input (B, 1, D, H, W) with D, H, W multiples of {m} and at least {2 * m} "
                              f"(the deepest feature needs 2 voxels per axis); got {tuple(x.shape)}.")
         deepest, decoded = self.backbone(x)
+        if not torch.is_grad_enabled():
+            # `decoded` is ours alone: normalise it in place instead of allocating another full-size map.
+            params = self.dynamic_params(deepest, channels)
+            norm, act, conv = self.precls_conv
+            shared = conv(act(lean.group_norm_(decoded, norm)))
+            del decoded
+            if shared.shape[0] == 1:  # the sliding window's case: no stacking copy
+                return apply_dynamic_head(shared[0], params[0])[None]
+            return torch.stack([apply_dynamic_head(shared[b], params[b]) for b in range(shared.shape[0])])
         return self.head(deepest, decoded, channels)
 
     def head(self, deepest: torch.Tensor, decoded: torch.Tensor,

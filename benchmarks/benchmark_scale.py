@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Scale check: a 512 x 512 x 800 CT end to end on CPU, with per-stage time and peak RSS.
+
+The CT is the shared example CT resampled (trilinear) onto a 512 x 512 x 800 grid over the same extent
+(about 0.7 x 0.6 x 0.4 mm voxels), stored as int16 NIfTI like a scanner export. It is made in this process;
+the segmentation runs in a child process (``benchmark_modes.run_mode``: read, model load, preprocess,
+inference, post-process, invert, write .seg.nrrd + NIfTI label map), so the figures are the run's own.
+
+    python benchmarks/benchmark_scale.py                      # Swin UNETR fixture weights, all classes, fast mode
+    python benchmarks/benchmark_scale.py --mode default --shape 512 512 800
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("UNIVERSALSEG_SHARED", REPO.parent / "shared"))
+
+
+def make_large_ct(source: Path, shape: tuple[int, int, int], path: Path) -> Path:
+    """Resample ``source`` onto ``shape`` voxels covering the same physical box; write int16 NIfTI."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(source))
+    old_size, old_spacing = image.GetSize(), image.GetSpacing()
+    spacing = [sz * sp / n for sz, sp, n in zip(old_size, old_spacing, shape)]
+    # Keep the physical box: the first voxel centre moves by half the change of voxel size.
+    direction = [image.GetDirection()[i * 3:(i + 1) * 3] for i in range(3)]
+    origin = list(image.GetOrigin())
+    for axis in range(3):
+        shift = (spacing[axis] - old_spacing[axis]) / 2.0
+        for row in range(3):
+            origin[row] += direction[row][axis] * shift
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize([int(n) for n in shape])
+    resampler.SetOutputSpacing(spacing)
+    resampler.SetOutputOrigin(origin)
+    resampler.SetOutputDirection(image.GetDirection())
+    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetDefaultPixelValue(-1024)
+    resampler.SetOutputPixelType(sitk.sitkInt16)
+    sitk.WriteImage(resampler.Execute(image), str(path), useCompression=False)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default=str(SHARED / "data/totalsegmentator/example_ct.nii.gz"))
+    parser.add_argument("--shape", type=int, nargs=3, default=(512, 512, 800))
+    parser.add_argument("--mode", default="fast", choices=["default", "fast", "reference"])
+    parser.add_argument("--classes", default="all")
+    parser.add_argument("--backbone", default="swinunetr", choices=["swinunetr", "unet"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", help="append the JSON record to this file")
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchmark_cpu import _fixture_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        big = make_large_ct(Path(args.source), tuple(args.shape), Path(tmp) / "large_ct.nii")
+        model = _fixture_checkpoint(args.backbone, Path(tmp))
+        code = (
+            "import sys, json, argparse; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
+            "from benchmark_modes import run_mode\n"
+            "args = argparse.Namespace(input=%r, device='cpu', threads=%d, precision='float32', classes=%r)\n"
+            "record, _ = run_mode(%r, args, %r)\n"
+            "print(json.dumps(record))\n"
+        ) % (str(REPO), str(Path(__file__).resolve().parent), str(big), args.threads, args.classes, args.mode, str(model))
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"the large-CT run failed:\n{done.stderr[-4000:]}")
+        record = json.loads(done.stdout.strip().splitlines()[-1])
+    record["input_bytes_int16"] = int(2 * args.shape[0] * args.shape[1] * args.shape[2])
+    print(json.dumps(record))
+    print(f"\n{args.mode} mode, {record['classes']} classes, {'x'.join(map(str, record['input_shape']))} voxels -> "
+          f"{'x'.join(map(str, record['preprocessed_shape']))} preprocessed, {record['windows']} windows: "
+          f"{record['total_seconds']} s, peak RSS {record['peak_rss_mb']:.0f} MB")
+    for name, stage in record["stages"].items():
+        print(f"  {name:<12} {stage['seconds']:>8} s  {stage['peak_rss_mb']:>8.0f} MB")
+    if args.output:
+        with open(args.output, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()
