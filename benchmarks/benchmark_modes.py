@@ -78,8 +78,9 @@ def dice(a, b) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
 
 
-def run_mode(mode: str, args, model_path: str) -> tuple[dict, dict]:
-    """One mode end to end; returns (record, masks on the input grid)."""
+def run_mode(mode: str, args, model_path: str, keep_masks: bool = True) -> tuple[dict, dict]:
+    """One mode end to end; returns (record, masks on the input grid, or {} without ``keep_masks``)."""
+    import numpy as np
     import torch
 
     from UniversalSegLib.api import plan_outputs, write_result
@@ -101,9 +102,9 @@ def run_mode(mode: str, args, model_path: str) -> tuple[dict, dict]:
     result = segmenter.segment(volume, classes, progress=progress)
     clock.begin("write")
     with tempfile.TemporaryDirectory() as out:
-        write_result(result, plan_outputs(args.input, out, "nifti,seg.nrrd"))
+        write_result(result, plan_outputs(args.input, out, getattr(args, "formats", "nifti,seg.nrrd")))
     clock.end()
-    masks = {i: result.masks[i].copy() for i in result.masks}
+    masks = {i: np.array(result.masks[i]) for i in result.masks} if keep_masks else {}
     record = {
         "mode": mode, "backbone": segmenter.checkpoint.metadata.model.backbone, "classes": len(classes),
         "device": str(segmenter.device), "precision": args.precision, "threads": torch.get_num_threads(),

@@ -4,7 +4,8 @@
 The CT is the shared example CT resampled (trilinear) onto a 512 x 512 x 800 grid over the same extent
 (about 0.7 x 0.6 x 0.4 mm voxels), stored as int16 NIfTI like a scanner export. It is made in this process;
 the segmentation runs in a child process (``benchmark_modes.run_mode``: read, model load, preprocess,
-inference, post-process, invert, write .seg.nrrd + NIfTI label map), so the figures are the run's own.
+inference, post-process, invert, write .seg.nrrd + NIfTI label map), so the figures are the run's own;
+the masks are not kept after writing (32 masks of 210 MB would be the harness's memory, not the run's).
 
     python benchmarks/benchmark_scale.py                      # Swin UNETR fixture weights, all classes, fast mode
     python benchmarks/benchmark_scale.py --mode default --shape 512 512 800
@@ -57,6 +58,9 @@ def main() -> None:
     parser.add_argument("--classes", default="all")
     parser.add_argument("--backbone", default="swinunetr", choices=["swinunetr", "unet"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--formats", default="nifti,seg.nrrd",
+                        help="outputs to write. The fixture weights' random masks overlap in every class, so their "
+                             ".seg.nrrd needs one 210 MB layer per class at this size; trained models need 2-3")
     parser.add_argument("--output", help="append the JSON record to this file")
     args = parser.parse_args()
 
@@ -69,10 +73,12 @@ def main() -> None:
         code = (
             "import sys, json, argparse; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
             "from benchmark_modes import run_mode\n"
-            "args = argparse.Namespace(input=%r, device='cpu', threads=%d, precision='float32', classes=%r)\n"
-            "record, _ = run_mode(%r, args, %r)\n"
+            "args = argparse.Namespace(input=%r, device='cpu', threads=%d, precision='float32', classes=%r, "
+            "formats=%r)\n"
+            "record, _ = run_mode(%r, args, %r, keep_masks=False)\n"
             "print(json.dumps(record))\n"
-        ) % (str(REPO), str(Path(__file__).resolve().parent), str(big), args.threads, args.classes, args.mode, str(model))
+        ) % (str(REPO), str(Path(__file__).resolve().parent), str(big), args.threads, args.classes, args.formats,
+             args.mode, str(model))
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"the large-CT run failed:\n{done.stderr[-4000:]}")

@@ -26,8 +26,9 @@ def dice_score(prediction: np.ndarray, truth: np.ndarray) -> float:
     """Dice of two bool masks (MONAI ``compute_dice``); 1.0 when both are empty."""
     from monai.metrics import compute_dice
 
-    p = torch.as_tensor(np.asarray(prediction, dtype=bool))[None, None].float()
-    t = torch.as_tensor(np.asarray(truth, dtype=bool))[None, None].float()
+    # float32 copies made by NumPy: read-only masks (cached pipeline results) are fine.
+    p = torch.from_numpy(np.asarray(prediction, dtype=np.float32).copy())[None, None]
+    t = torch.from_numpy(np.asarray(truth, dtype=np.float32).copy())[None, None]
     value = compute_dice(p, t, include_background=True, ignore_empty=False)
     return float(value.item())
 
