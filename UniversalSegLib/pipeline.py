@@ -64,16 +64,12 @@ class InferenceMode:
     accumulate_dtype: torch.dtype  # per-class slab sums when streaming
     resample_dtype: type  # preprocessing arithmetic
     postprocess: str  # "official" or "fixed"
-    description: str
 
 
 MODES: dict[str, InferenceMode] = {
-    "reference": InferenceMode("reference", None, "monai", False, torch.float32, np.float64, "official",
-                               "official settings and post-processing, full-resolution float maps"),
-    "default": InferenceMode("default", None, "monai", True, torch.float16, np.float32, "fixed",
-                             "the reference's windows, streamed into masks; official bugs fixed"),
-    "fast": InferenceMode("fast", 0.0, "even", True, torch.float16, np.float32, "fixed",
-                          "fewest covering windows (overlap 0, spread evenly); official bugs fixed"),
+    "reference": InferenceMode("reference", None, "monai", False, torch.float32, np.float64, "official"),
+    "default": InferenceMode("default", None, "monai", True, torch.float16, np.float32, "fixed"),
+    "fast": InferenceMode("fast", 0.0, "even", True, torch.float16, np.float32, "fixed"),
 }
 
 

@@ -28,7 +28,7 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 import torch
 
-from .inference import InferenceCancelled, InferenceError, _as_batch_of_one, _check_overlap, _check_shapes
+from .inference import InferenceCancelled, InferenceError, _as_batch_of_one, _check_shapes, window_starts
 
 __all__ = ["BlendedMasks", "PLACEMENTS", "window_layout", "sliding_window_masks"]
 
@@ -42,20 +42,14 @@ def window_layout(
 ) -> list[list[int]]:
     """Start of every window along each axis, in the zero-padded image (axes shorter than the window are
     padded to it, half before, rounded down, as MONAI does)."""
-    shape, roi = _check_shapes(spatial_shape, roi_size)
-    _check_overlap(overlap)
     if placement not in PLACEMENTS:
         raise InferenceError(f"unknown window placement {placement!r}; use one of {PLACEMENTS}")
-    starts = []
-    for length, window in zip(shape, roi):
-        padded = max(length, window)
-        step = window if padded == window else max(int(window * (1 - overlap)), 1)
-        count = math.ceil((padded - window) / step) + 1
-        if placement == "monai" or count == 1:
-            starts.append([min(i * step, padded - window) for i in range(count)])
-        else:
-            starts.append([round(i * (padded - window) / (count - 1)) for i in range(count)])
-    return starts
+    starts = window_starts(spatial_shape, roi_size, overlap)  # MONAI's layout (and its checks)
+    if placement == "monai":
+        return starts
+    # The same count per axis, spread evenly from the first start (0) to the last (padded length - roi).
+    return [axis if len(axis) == 1 else [round(i * axis[-1] / (len(axis) - 1)) for i in range(len(axis))]
+            for axis in starts]
 
 
 @dataclass
