@@ -111,6 +111,9 @@ def test_lazy_masks_write_the_same_files_as_eager_masks(results, ct, tmp_path):
     taxonomy = results["default"].classes
     write_label_map(tmp_path / "eager.nii.gz", ct, eager, taxonomy)
     write_label_map(tmp_path / "lazy.nii.gz", ct, lazy, taxonomy)
+    assert sorted(made) == sorted(eager)  # the label map, its counts and its table: one make per class
+    assert [lazy.measure(i) for i in sorted(eager)] == [int(eager[i].sum()) for i in sorted(eager)]
+    assert len(made) == len(eager)  # measured when made, not made again
     np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "eager.nii.gz").dataobj),
                                   np.asarray(nib.load(tmp_path / "lazy.nii.gz").dataobj))
     assert json.loads((tmp_path / "eager.labels.json").read_text())["labels"] == \

@@ -167,6 +167,10 @@ def test_phantom_inversion_matches_official_exactly(fixture_phantom):
     assert got0.dtype == bool and got0.shape == prep.source_shape
     np.testing.assert_array_equal(got0, want0)
     np.testing.assert_array_equal(got5, want5)
+    # The same masks laid out in Fortran order (the memory order of nibabel volumes).
+    fortran = to_source_grid(ch0, prep, order="F")
+    assert fortran.flags.f_contiguous and not fortran.flags.c_contiguous and fortran.dtype == bool
+    np.testing.assert_array_equal(fortran, want0)
 
     # The same through a (C, X, Y, Z) stack and through a uint8 label map.
     stack = to_source_grid(np.stack([ch0, ch5]), prep)
@@ -280,6 +284,7 @@ def test_same_image_stored_differently_gives_same_result(rotation):
         np.testing.assert_allclose(prep.affine, reference.affine, atol=1e-6)
         expected_back, _ = _restore(reference_back, base_affine, flips, perm)
         np.testing.assert_array_equal(to_source_grid(labels, prep), expected_back)
+        np.testing.assert_array_equal(to_source_grid(labels, prep, order="F"), expected_back)
 
 
 def test_general_affine_fallback_agrees_with_axis_aligned_path():
@@ -290,6 +295,9 @@ def test_general_affine_fallback_agrees_with_axis_aligned_path():
     labels = np.random.default_rng(3).integers(0, 5, prep.shape).astype(np.uint8)
     general = _invert_channel_general(labels, prep, _general_map(prep))
     np.testing.assert_array_equal(general, to_source_grid(labels, prep))
+    general_f = _invert_channel_general(labels, prep, _general_map(prep), order="F")
+    assert general_f.flags.f_contiguous
+    np.testing.assert_array_equal(general_f, general)
 
 
 def test_inversion_onto_a_rotated_grid_uses_the_general_path():

@@ -37,7 +37,7 @@ import torch
 from .checkpoints import Checkpoint, load_checkpoint
 from .device import autocast, resolve_device, set_threads
 from .inference import InferenceCancelled, count_windows, gaussian_weight_map, sliding_window_logits, threshold
-from .io.masks import LazyMasks
+from .io.masks import LazyMasks, same_order_views
 from .io.volume import Volume
 from .postprocess import MissingInputError, postprocess_masks, required_classes
 from .preprocess import PreprocessedVolume, preprocess
@@ -45,10 +45,14 @@ from .streaming import sliding_window_masks
 from .taxonomy import ClassInfo
 
 __all__ = ["ClassStatistics", "InferenceMode", "MODES", "SegmentationResult", "Segmenter", "ProgressCallback",
-           "STAGES"]
+           "STAGES", "masks_on_input_grid"]
 
 #: Stages reported to progress callbacks, in order.
 STAGES = ("preprocess", "inference", "postprocess", "invert")
+
+#: Measure of the result masks: sum of the input HU under a mask (statistics give its mean).
+HU_SUM = "hu_sum"
+
 #: ``callback(stage, fraction)``: fraction in 0..1 of the current stage.
 ProgressCallback = Callable[[str, float], None]
 
@@ -86,6 +90,25 @@ class ClassStatistics:
                 "volume_ml": round(self.volume_ml, 3), "mean_hu": None if self.mean_hu is None else round(self.mean_hu, 1)}
 
 
+def _hu_sum(array: np.ndarray, mask: np.ndarray) -> float:
+    """Sum of the HU under ``mask`` (float64), indexed in the arrays' shared memory order."""
+    array, mask = same_order_views(np.asarray(array), mask)
+    return float(array[mask].sum(dtype=np.float64))
+
+
+def masks_on_input_grid(volume: Volume, prep: PreprocessedVolume, masks: Mapping[int, np.ndarray]) -> LazyMasks:
+    """``{class index: mask on the preprocessed grid}`` -> a :class:`LazyMasks` on ``volume``'s grid.
+
+    Each mask is made on access (cached when all fit) and measured when made (voxels, HU sum). Masks share
+    the input array's memory order (Fortran for nibabel/SimpleITK volumes), so statistics, label-map
+    painting and NIfTI/NRRD writing run in memory order.
+    """
+    order = "F" if volume.array.flags.f_contiguous and not volume.array.flags.c_contiguous else "C"
+    makers = {index: (lambda m=masks[index]: prep.to_source_grid(m, order).astype(bool, copy=False))
+              for index in sorted(masks)}
+    return LazyMasks(volume.shape, makers, measures={HU_SUM: lambda mask: _hu_sum(volume.array, mask)})
+
+
 @dataclass
 class SegmentationResult:
     """Per-class masks on the input grid (``masks[index]`` is a bool array of ``volume.shape``)."""
@@ -103,12 +126,16 @@ class SegmentationResult:
 
     def statistics(self) -> list[ClassStatistics]:
         voxel_ml = float(abs(np.linalg.det(self.volume.affine[:3, :3]))) / 1000.0
+        # Masks made by the pipeline were measured when they were made (no second pass on a fine CT).
+        measured = isinstance(self.masks, LazyMasks) and HU_SUM in self.masks.measures
         out = []
         for info in self.classes:
-            mask = self.masks[info.index]
-            n = int(np.count_nonzero(mask))
-            mean = float(self.volume.array[mask].mean(dtype=np.float64)) if n else None
-            out.append(ClassStatistics(info.index, info.display_name, n, n * voxel_ml, mean))
+            if measured:
+                n, total = self.masks.measure(info.index, "voxels"), self.masks.measure(info.index, HU_SUM)
+            else:
+                mask = self.masks[info.index]
+                n, total = int(np.count_nonzero(mask)), _hu_sum(self.volume.array, mask)
+            out.append(ClassStatistics(info.index, info.display_name, n, n * voxel_ml, total / n if n else None))
         return out
 
     def summary(self) -> dict:
@@ -268,9 +295,7 @@ class Segmenter:
         del raw  # the cleaned masks are all that is needed from here on
         t0 = time.perf_counter()
         report("invert", 0.0)
-        makers = {c.index: (lambda m=cleaned[c.index]: prep.to_source_grid(m).astype(bool, copy=False))
-                  for c in sorted(requested, key=lambda c: c.index)}
-        masks = LazyMasks(volume.shape, makers)
+        masks = masks_on_input_grid(volume, prep, {c.index: cleaned[c.index] for c in requested})
         if masks.fill_cache():  # small enough: invert now, so this stage is timed where it happens
             for n, _ in enumerate(requested):
                 report("invert", (n + 1) / len(requested))

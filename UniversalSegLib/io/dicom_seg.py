@@ -125,14 +125,19 @@ def write_dicom_seg(path, volume: Volume, masks: Mapping[int, np.ndarray], class
     order = list(masks)
     # Only slices that hold any class are passed (with their plane positions): this bounds memory by the
     # segmented region instead of (slices x rows x columns x classes).
-    occupied = [k for k in range(volume.shape[2]) if any(masks[i][:, :, k].any() for i in order)]
+    # Classes are the outer loop: masks made on access (a fine CT's LazyMasks) are made twice per class,
+    # not once per slice.
+    filled = np.zeros(volume.shape[2], dtype=bool)
+    for index in order:
+        filled |= masks[index].any(axis=(0, 1))
+    occupied = [int(k) for k in np.flatnonzero(filled)]
     any_voxel = bool(occupied)
     if not any_voxel:
         occupied = [0]  # every segment empty: one empty frame keeps the object valid
     pixels = np.zeros((len(occupied), volume.shape[1], volume.shape[0], len(order)), dtype=bool)
-    for f, k in enumerate(occupied):
-        for s, index in enumerate(order):
-            pixels[f, :, :, s] = masks[index][:, :, k].T  # IJK (column, row) -> DICOM (row, column)
+    for s, index in enumerate(order):
+        # IJK (column, row, slice) -> DICOM frames of (row, column)
+        pixels[:, :, :, s] = masks[index][:, :, occupied].transpose(2, 1, 0)
     positions = [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, sources[k].ImagePositionPatient) for k in occupied]
     source_number = sources[0].get("SeriesNumber")
     descriptions = [segment_description(n, table[i]) for n, i in enumerate(order, start=1)]

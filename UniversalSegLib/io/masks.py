@@ -36,21 +36,28 @@ class LazyMasks(Mapping):
     """Read-only ``{class index: bool mask}`` whose masks are made on access, one class at a time.
 
     A fine CT (512 x 512 x 800 voxels) has 210 MB per mask, so 32 classes cannot all be held at once;
-    writers and statistics visit classes one by one. Masks are cached while the cache stays within
-    ``cache_bytes`` (all of them for a typical CT), and recomputed on access otherwise.
+    writers and statistics visit classes one by one. Masks are cached when all of them fit ``cache_bytes``
+    (a typical CT), and made again on each access otherwise.
+
+    Whenever a mask is made, every function of ``measures`` is applied to it and the numbers are kept
+    (:meth:`measure`), so that the voxel count or a statistic never costs a second pass over a mask that
+    did not fit the cache. The voxel count (``"voxels"``) is always measured.
 
     Args:
         shape: the grid of every mask.
         makers: ``{class index: function returning that class's bool mask of shape `shape`}``.
         cache_bytes: how many bytes of made masks to keep.
+        measures: ``{name: function(mask) -> value}`` evaluated on each mask when it is made.
     """
 
     def __init__(self, shape: tuple[int, ...], makers: Mapping[int, Callable[[], np.ndarray]],
-                 cache_bytes: int = 512 * 2**20) -> None:
+                 cache_bytes: int = 512 * 2**20, measures: Mapping[str, Callable[[np.ndarray], Any]] | None = None) -> None:
         self.shape = tuple(int(n) for n in shape)
         self._makers = dict(makers)
         self._cache: dict[int, np.ndarray] = {}
         self._cache_bytes = int(cache_bytes)
+        self._measures = {"voxels": lambda mask: int(np.count_nonzero(mask)), **(measures or {})}
+        self._measured: dict[int, dict[str, Any]] = {}
 
     def __getitem__(self, index: int) -> np.ndarray:
         if index in self._cache:
@@ -59,7 +66,11 @@ class LazyMasks(Mapping):
         if mask.shape != self.shape or mask.dtype != bool:
             raise InvalidMaskError(f"class {index}: made a {mask.dtype} mask of shape {mask.shape}, expected "
                                    f"bool {self.shape}")
-        if (len(self._cache) + 1) * mask.nbytes <= self._cache_bytes:
+        if index not in self._measured:
+            self._measured[index] = {name: function(mask) for name, function in self._measures.items()}
+        # Cache only when every mask fits: when they do not, each pass makes every class anyway, and a few
+        # cached masks would only add to the peak (210 MB each on a fine CT).
+        if len(self) * mask.nbytes <= self._cache_bytes:
             mask.setflags(write=False)  # cached masks are shared by every reader
             self._cache[index] = mask
         return mask
@@ -70,6 +81,19 @@ class LazyMasks(Mapping):
     def __len__(self) -> int:
         return len(self._makers)
 
+    @property
+    def measures(self) -> tuple[str, ...]:
+        """Names of the measures taken on every mask."""
+        return tuple(self._measures)
+
+    def measure(self, index: int, name: str = "voxels") -> Any:
+        """The value of measure ``name`` on class ``index``'s mask (made now if it never was)."""
+        if name not in self._measures:
+            raise KeyError(f"no measure {name!r}; known: {', '.join(self._measures)}")
+        if index not in self._measured:
+            self[index]
+        return self._measured[index][name]
+
     def fill_cache(self) -> bool:
         """Make and cache every mask if they fit the cache budget; True when all are cached."""
         if len(self) * int(np.prod(self.shape)) > self._cache_bytes:
@@ -77,6 +101,13 @@ class LazyMasks(Mapping):
         for index in self:
             self[index]
         return True
+
+
+def voxel_count(masks: Mapping[int, np.ndarray], index: int) -> int:
+    """Voxels of class ``index``; from the measurement of a :class:`LazyMasks` when it has one."""
+    if isinstance(masks, LazyMasks):
+        return int(masks.measure(index, "voxels"))
+    return int(np.count_nonzero(masks[index]))
 
 
 def classes_by_index(classes: Any) -> dict[int, Any]:
@@ -133,23 +164,100 @@ def validate_masks(volume: Volume, masks: Mapping[int, np.ndarray], classes: Any
     return checked, table
 
 
+def _priority(info: Any, count: int, index: int) -> tuple[int, int, int]:
+    """Sort key of the overlap rule (module docstring): higher wins."""
+    return (KIND_PRIORITY.get(getattr(info, "kind", ""), 0), -count, -index)
+
+
 def paint_order(masks: Mapping[int, np.ndarray], table: Mapping[int, Any]) -> list[int]:
     """Class indices in the order to paint them into a label map (the last one wins; see module docstring)."""
-    counts = {index: int(np.count_nonzero(mask)) for index, mask in masks.items()}
-
-    def priority(index: int):
-        return (KIND_PRIORITY.get(getattr(table[index], "kind", ""), 0), -counts[index], -index)
-
-    return sorted(masks, key=priority)
+    counts = {index: voxel_count(masks, index) for index in masks}
+    return sorted(masks, key=lambda index: _priority(table[index], counts[index], index))
 
 
-def label_map_from_masks(shape, masks: Mapping[int, np.ndarray], table: Mapping[int, Any]) -> np.ndarray:
-    """Multi-label array (uint8, or uint16 for indices > 255) with the overlap rule of this module."""
+#: Voxels painted at a time: bounds the temporaries of a fine CT (512 x 512 x 800) to tens of MB.
+_PAINT_SLAB_VOXELS = 8 * 2**20
+
+
+def _memory_order_view(array: np.ndarray) -> np.ndarray:
+    """``array`` or its transpose, whichever is C-contiguous (nibabel and SimpleITK volumes are
+    Fortran-ordered): slabs along axis 0 of the view are then contiguous, and numpy's element-wise loops
+    and boolean indexing run in memory order."""
+    return array.T if array.flags.f_contiguous and not array.flags.c_contiguous else array
+
+
+def same_order_views(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The arrays, or all their transposes when every one is Fortran-ordered (same elements, C-contiguous views)."""
+    if all(a.flags.f_contiguous and not a.flags.c_contiguous for a in arrays):
+        return tuple(a.T for a in arrays)
+    return arrays
+
+
+def paint_label_map(shape, masks: Mapping[int, np.ndarray], table: Mapping[int, Any]) -> tuple[np.ndarray, dict[int, int]]:
+    """Label map with the overlap rule of this module, and every class's voxel count, in one pass over the masks.
+
+    Each mask is read once (a :class:`LazyMasks` makes each class once): a voxel takes the new class where
+    that class outranks the label already painted there. The counts come from the same read. The label map
+    has the memory order of the first mask (Fortran for masks on a nibabel volume's grid).
+    Returns (labels: uint8, or uint16 for indices > 255; ``{class index: voxel count}``).
+    """
+    shape = tuple(int(n) for n in shape)
     largest = max(masks, default=0)
     if largest > np.iinfo(np.uint16).max:
         raise InvalidMaskError(f"class index {largest} does not fit a 16-bit label map.")
     dtype = np.uint8 if largest <= np.iinfo(np.uint8).max else np.uint16
-    labels = np.zeros(shape, dtype=dtype)
-    for index in paint_order(masks, table):
-        labels[masks[index]] = index
-    return labels
+    counts: dict[int, int] = {}
+    # rank[label] orders the labels painted so far (the overlap rule's priority); background ranks lowest.
+    rank = np.zeros(largest + 1, dtype=dtype)
+    ranked: list[tuple[tuple[int, int, int], int]] = []
+    labels = None
+    for index in masks:
+        mask = masks[index]
+        if labels is None:  # the first mask sets the memory order (no mask is made twice)
+            order = "F" if mask.flags.f_contiguous and not mask.flags.c_contiguous else "C"
+            labels = np.zeros(shape, dtype=dtype, order=order)
+            flat_labels = labels.T if order == "F" else labels  # C-contiguous either way
+            slab = max(1, _PAINT_SLAB_VOXELS // max(1, int(np.prod(flat_labels.shape[1:], dtype=np.int64))))
+            buffer_rank = np.empty((slab, *flat_labels.shape[1:]), dtype=dtype)
+            buffer_win = np.empty((slab, *flat_labels.shape[1:]), dtype=bool)
+        counts[index] = int(np.count_nonzero(mask))
+        if not counts[index]:
+            continue
+        ranked.append((_priority(table[index], counts[index], index), index))
+        ranked.sort()
+        rank[[i for _, i in ranked]] = np.arange(1, len(ranked) + 1)
+        mine = rank[index]
+        view = mask.T if order == "F" else mask
+        for start in range(0, flat_labels.shape[0], slab):
+            part = view[start:start + slab]
+            if not part.any():
+                continue
+            painted = flat_labels[start:start + slab]
+            ranks, win = buffer_rank[:len(painted)], buffer_win[:len(painted)]
+            np.take(rank, painted, out=ranks)
+            np.less(ranks, mine, out=win)
+            np.logical_and(win, part, out=win)
+            np.copyto(painted, index, where=win)
+    if labels is None:
+        labels = np.zeros(shape, dtype=dtype)
+    return labels, counts
+
+
+def label_voxel_counts(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """``np.bincount`` of a label map, slab by slab (bincount of a whole fine CT would make an int64 copy, 1.7 GB)."""
+    view = _memory_order_view(labels)
+    slab = max(1, _PAINT_SLAB_VOXELS // max(1, int(np.prod(view.shape[1:], dtype=np.int64))))
+    total = np.zeros(max(int(minlength), 1), dtype=np.int64)
+    for start in range(0, view.shape[0], slab):
+        part = np.bincount(view[start:start + slab].ravel(), minlength=len(total))
+        if len(part) > len(total):
+            part[:len(total)] += total
+            total = part
+        else:
+            total += part
+    return total
+
+
+def label_map_from_masks(shape, masks: Mapping[int, np.ndarray], table: Mapping[int, Any]) -> np.ndarray:
+    """Multi-label array (uint8, or uint16 for indices > 255) with the overlap rule of this module."""
+    return paint_label_map(shape, masks, table)[0]

@@ -29,7 +29,7 @@ import numpy as np
 from .atomic import AtomicOutputGroup, ensure_writable_folder, prepare_output_path
 from .dicom_seg import write_dicom_seg
 from .errors import UnsupportedFormatError
-from .masks import OVERLAP_RULE, label_map_from_masks, validate_masks
+from .masks import OVERLAP_RULE, label_voxel_counts, paint_label_map, validate_masks
 from .seg_nrrd import write_seg_nrrd
 from .volume import Volume
 
@@ -100,13 +100,12 @@ def _color_table_rows(masks: Mapping[int, np.ndarray], table: Mapping[int, Any])
     return rows
 
 
-def _label_table(path: Path, volume: Volume, masks, table, labels: np.ndarray) -> dict:
+def _label_table(path: Path, volume: Volume, counts: Mapping[int, int], table, labels: np.ndarray) -> dict:
     voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
-    visible = np.bincount(labels.ravel(), minlength=max(masks, default=0) + 1) if masks else np.zeros(1, int)
+    visible = label_voxel_counts(labels, minlength=max(counts, default=0) + 1)
     entries = []
-    for index, mask in masks.items():
+    for index, count in counts.items():
         info = table[index]
-        count = int(np.count_nonzero(mask))
         entries.append({
             "value": index,
             "key": info.key,
@@ -147,11 +146,11 @@ def write_label_map(path, volume: Volume, masks: Mapping[int, np.ndarray], class
     masks, table = validate_masks(volume, masks, classes)
     for output in (path, json_path, csv_path):  # fail before the work if a name is taken
         prepare_output_path(output, overwrite)
-    labels = label_map_from_masks(volume.shape, masks, table)
+    labels, counts = paint_label_map(volume.shape, masks, table)  # each mask is read once
     with AtomicOutputGroup(overwrite) as group:
         nib.save(nifti_image(labels, volume.affine), str(group.add(path)))
         with open(group.add(json_path), "w", encoding="utf-8") as handle:
-            json.dump(_label_table(path, volume, masks, table, labels), handle, indent=2)
+            json.dump(_label_table(path, volume, counts, table, labels), handle, indent=2)
         with open(group.add(csv_path), "w", encoding="utf-8", newline="") as handle:
             writer = csv.writer(handle, quoting=csv.QUOTE_NONNUMERIC)
             writer.writerow(SLICER_COLOR_TABLE_COLUMNS)
