@@ -196,7 +196,7 @@ def test_overlap_priority_rule_on_ties_and_sizes():
 def test_one_pass_painting_equals_painting_in_priority_order(monkeypatch):
     """The label map is painted in one pass over the masks (each read once); it must equal painting every
     class in the rule's order, whatever order the masks come in and across slab boundaries."""
-    monkeypatch.setattr(masks_module, "_PAINT_SLAB_VOXELS", 50)  # many slabs of a few slices
+    monkeypatch.setattr(masks_module, "_SLAB_VOXELS", 50)  # many slabs of a few slices
     rng = np.random.default_rng(3)
     shape = (13, 7, 6)
     table = {info.index: info for info in TAXONOMY}
@@ -317,13 +317,15 @@ def test_seg_nrrd_round_trip_through_slicerio_and_slicer(tmp_path, request, volu
 
 
 @pytest.mark.parametrize("fortran", [False, True], ids=["C", "F"])
-def test_seg_nrrd_layers_follow_slicerio_add_segment(tmp_path, ct, fortran):
+def test_seg_nrrd_layers_follow_slicerio_add_segment(tmp_path, ct, fortran, monkeypatch):
     """Our one-pass layer packing gives exactly slicerio.add_segment's layers, label values and extents
-    (Slicer's layout), for masks in either memory order; Slicer reads every overlapping segment back."""
+    (Slicer's layout), for masks in either memory order and across slabs; Slicer reads every overlapping
+    segment back."""
     import slicerio
 
     from UniversalSegLib.io.seg_nrrd import pack_layers
 
+    monkeypatch.setattr(masks_module, "_SLAB_VOXELS", 500)  # a few rows per slab
     rng = np.random.default_rng(7)
     order = "F" if fortran else "C"
     indices = sorted(TAXONOMY.indices)[:9]

@@ -37,7 +37,7 @@ import torch
 from .checkpoints import Checkpoint, load_checkpoint
 from .device import autocast, resolve_device, set_threads
 from .inference import InferenceCancelled, count_windows, gaussian_weight_map, sliding_window_logits, threshold
-from .io.masks import LazyMasks, same_order_views
+from .io.masks import LazyMasks, memory_order, same_order_views
 from .io.volume import Volume
 from .postprocess import MissingInputError, postprocess_masks, required_classes
 from .preprocess import PreprocessedVolume, preprocess
@@ -103,7 +103,7 @@ def masks_on_input_grid(volume: Volume, prep: PreprocessedVolume, masks: Mapping
     the input array's memory order (Fortran for nibabel/SimpleITK volumes), so statistics, label-map
     painting and NIfTI/NRRD writing run in memory order.
     """
-    order = "F" if volume.array.flags.f_contiguous and not volume.array.flags.c_contiguous else "C"
+    order = memory_order(volume.array)
     makers = {index: (lambda m=masks[index]: prep.to_source_grid(m, order).astype(bool, copy=False))
               for index in sorted(masks)}
     return LazyMasks(volume.shape, makers, measures={HU_SUM: lambda mask: _hu_sum(volume.array, mask)})

@@ -103,13 +103,6 @@ class LazyMasks(Mapping):
         return True
 
 
-def voxel_count(masks: Mapping[int, np.ndarray], index: int) -> int:
-    """Voxels of class ``index``; from the measurement of a :class:`LazyMasks` when it has one."""
-    if isinstance(masks, LazyMasks):
-        return int(masks.measure(index, "voxels"))
-    return int(np.count_nonzero(masks[index]))
-
-
 def classes_by_index(classes: Any) -> dict[int, Any]:
     """``{index: ClassInfo}`` from a Taxonomy, a sequence of ClassInfo or a mapping index -> ClassInfo."""
     items: Iterable[Any] = classes.values() if isinstance(classes, Mapping) else classes
@@ -171,24 +164,34 @@ def _priority(info: Any, count: int, index: int) -> tuple[int, int, int]:
 
 def paint_order(masks: Mapping[int, np.ndarray], table: Mapping[int, Any]) -> list[int]:
     """Class indices in the order to paint them into a label map (the last one wins; see module docstring)."""
-    counts = {index: voxel_count(masks, index) for index in masks}
+    counts = {index: int(np.count_nonzero(mask)) for index, mask in masks.items()}
     return sorted(masks, key=lambda index: _priority(table[index], counts[index], index))
 
 
-#: Voxels painted at a time: bounds the temporaries of a fine CT (512 x 512 x 800) to tens of MB.
-_PAINT_SLAB_VOXELS = 8 * 2**20
+#: Voxels handled at a time by the slab loops below: bounds the temporaries of a fine CT (512 x 512 x 800)
+#: to tens of MB.
+_SLAB_VOXELS = 8 * 2**20
 
 
-def _memory_order_view(array: np.ndarray) -> np.ndarray:
-    """``array`` or its transpose, whichever is C-contiguous (nibabel and SimpleITK volumes are
-    Fortran-ordered): slabs along axis 0 of the view are then contiguous, and numpy's element-wise loops
-    and boolean indexing run in memory order."""
-    return array.T if array.flags.f_contiguous and not array.flags.c_contiguous else array
+def memory_order(array: np.ndarray) -> str:
+    """"F" for a Fortran-ordered array (nibabel and SimpleITK volumes, and masks on their grid), else "C"."""
+    return "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
+
+
+def memory_order_view(array: np.ndarray) -> np.ndarray:
+    """``array`` or its transpose, whichever is C-contiguous: slabs along axis 0 of the view are contiguous,
+    and numpy's element-wise loops and boolean indexing run in memory order."""
+    return array.T if memory_order(array) == "F" else array
+
+
+def slab_length(view: np.ndarray) -> int:
+    """Rows along axis 0 of a C-contiguous ``view`` that make one slab of about ``_SLAB_VOXELS``."""
+    return max(1, _SLAB_VOXELS // max(1, int(np.prod(view.shape[1:], dtype=np.int64))))
 
 
 def same_order_views(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """The arrays, or all their transposes when every one is Fortran-ordered (same elements, C-contiguous views)."""
-    if all(a.flags.f_contiguous and not a.flags.c_contiguous for a in arrays):
+    if all(memory_order(a) == "F" for a in arrays):
         return tuple(a.T for a in arrays)
     return arrays
 
@@ -214,10 +217,10 @@ def paint_label_map(shape, masks: Mapping[int, np.ndarray], table: Mapping[int, 
     for index in masks:
         mask = masks[index]
         if labels is None:  # the first mask sets the memory order (no mask is made twice)
-            order = "F" if mask.flags.f_contiguous and not mask.flags.c_contiguous else "C"
+            order = memory_order(mask)
             labels = np.zeros(shape, dtype=dtype, order=order)
             flat_labels = labels.T if order == "F" else labels  # C-contiguous either way
-            slab = max(1, _PAINT_SLAB_VOXELS // max(1, int(np.prod(flat_labels.shape[1:], dtype=np.int64))))
+            slab = slab_length(flat_labels)
             buffer_rank = np.empty((slab, *flat_labels.shape[1:]), dtype=dtype)
             buffer_win = np.empty((slab, *flat_labels.shape[1:]), dtype=bool)
         counts[index] = int(np.count_nonzero(mask))
@@ -245,8 +248,8 @@ def paint_label_map(shape, masks: Mapping[int, np.ndarray], table: Mapping[int, 
 
 def label_voxel_counts(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
     """``np.bincount`` of a label map, slab by slab (bincount of a whole fine CT would make an int64 copy, 1.7 GB)."""
-    view = _memory_order_view(labels)
-    slab = max(1, _PAINT_SLAB_VOXELS // max(1, int(np.prod(view.shape[1:], dtype=np.int64))))
+    view = memory_order_view(labels)
+    slab = slab_length(view)
     total = np.zeros(max(int(minlength), 1), dtype=np.int64)
     for start in range(0, view.shape[0], slab):
         part = np.bincount(view[start:start + slab].ravel(), minlength=len(total))

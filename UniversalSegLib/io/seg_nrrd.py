@@ -20,7 +20,7 @@ import numpy as np
 
 from .atomic import atomic_output, prepare_output_path
 from .errors import UnsupportedFormatError
-from .masks import _PAINT_SLAB_VOXELS, validate_masks
+from .masks import memory_order, slab_length, validate_masks
 from .volume import Volume
 
 #: Name of Slicer's conversion parameter that holds the reference grid (vtkSegmentationConverter).
@@ -63,9 +63,9 @@ def pack_layers(shape, masks: Mapping[int, np.ndarray]) -> tuple[np.ndarray, dic
     for index in masks:
         mask = masks[index]
         if not layers:  # the first mask sets the memory order
-            order = "F" if mask.flags.f_contiguous and not mask.flags.c_contiguous else "C"
+            order = memory_order(mask)
         flat_mask = mask.T if order == "F" else mask
-        slab = max(1, _PAINT_SLAB_VOXELS // max(1, int(np.prod(flat_mask.shape[1:], dtype=np.int64))))
+        slab = slab_length(flat_mask)
         parts = [(start, flat_mask[start:start + slab]) for start in range(0, flat_mask.shape[0], slab)]
         parts = [(start, part) for start, part in parts if part.any()]
         target = None
