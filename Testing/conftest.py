@@ -15,6 +15,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("UNIVERSALSEG_SHARED", REPO_ROOT.parent / "shared")).resolve()
 FIXTURE_DIR = SHARED_DIR / "reference" / "fixture"
 DATA_DIR = SHARED_DIR / "data"
+# The suite exercises the PyTorch forward unless a test asks for a runtime: "auto" would convert every test
+# model to OpenVINO where it is installed. Testing/test_runtime.py tests OpenVINO and "auto" explicitly.
+os.environ.setdefault("UNIVERSALSEG_RUNTIME", "torch")
 
 
 def _in_ci() -> bool:

@@ -42,7 +42,7 @@ def test_monai09_weight_is_the_smoothed_impulse_of_monai_0_9():
     raw = gaussian_weight_map((96, 96, 96), flavour="monai09", min_weight=None)
     assert raw.dtype == torch.float32 and raw.shape == (96, 96, 96)
     assert raw.max().item() == 1.0 and raw[48, 48, 48].item() == 1.0  # peak at size // 2, not 47.5
-    # The corner value MONAI 0.9.0's compute_importance_map((96,) * 3, "gaussian") returns (SPEC: 3.8e-11).
+    # The corner value MONAI 0.9.0's compute_importance_map((96,) * 3, "gaussian") returns (3.8e-11).
     assert raw[0, 0, 0].item() == pytest.approx(3.8326959661549864e-11, rel=1e-5)
     g = erf_profile(96, 12.0)
     expected = g[:, None, None] * g[None, :, None] * g[None, None, :]
@@ -71,7 +71,7 @@ def test_monai09_and_current_weights_differ_as_documented():
     current = gaussian_weight_map(flavour="current")
     assert torch.equal(current, compute_importance_map((96, 96, 96), mode="gaussian", sigma_scale=0.125))
     difference = (ours - current).abs().max().item()
-    assert 0.04 < difference < 0.05  # SPEC: 0.044
+    assert 0.04 < difference < 0.05  # the largest difference of the two maps
 
 
 # -- window layout -----------------------------------------------------------------------------------

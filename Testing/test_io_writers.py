@@ -28,7 +28,8 @@ from UniversalSegLib.io import (
 )
 from UniversalSegLib.io.atomic import TEMP_PREFIX
 from UniversalSegLib.io import masks as masks_module
-from UniversalSegLib.io.masks import OVERLAP_RULE, label_map_from_masks, paint_label_map, paint_order
+from UniversalSegLib.io.masks import OVERLAP_RULE, label_map_from_masks, paint_label_map
+from UniversalSegLib.taxonomy import KIND_PRIORITY
 from UniversalSegLib.io.writers import (
     sidecar_paths,
     write_class_masks,
@@ -178,6 +179,13 @@ def test_label_map_geometry_for_dicom_and_oblique_inputs(tmp_path, ct3, oblique_
         np.testing.assert_array_equal(np.asarray(image.dataobj) == LIVER, masks[LIVER])
 
 
+def paint_order(masks, table) -> list[int]:
+    """The overlap rule written out as a sort (the reference the one-pass painting is checked against):
+    class indices in painting order, the last one wins: kind, then the smaller mask, then the lower index."""
+    counts = {index: int(np.count_nonzero(mask)) for index, mask in masks.items()}
+    return sorted(masks, key=lambda index: (KIND_PRIORITY[table[index].kind], -counts[index], -index))
+
+
 def test_overlap_priority_rule_on_ties_and_sizes():
     shape = (6, 6, 6)
     small, large = box(shape, (0, 0, 0), (2, 2, 2)), box(shape, (0, 0, 0), (4, 4, 4))
@@ -258,12 +266,15 @@ def check_seg_nrrd_with_slicerio(path: Path, volume: Volume, masks):
         np.testing.assert_array_equal(slicerio.segment_mask(segmentation, segment), masks[index])
 
 
-def read_seg_nrrd_with_slicer(path: Path):
+def read_seg_nrrd_with_slicer(path: Path, node_class: str = "vtkMRMLSegmentationNode",
+                              storage_class: str = "vtkMRMLSegmentationStorageNode"):
+    """Read ``path`` with Slicer's own storage node (a segmentation by default; pass the label-map volume
+    classes for a NIfTI label map); returns (slicer module, node)."""
     slicer = pytest.importorskip("slicer")
     scene = slicer.vtkMRMLScene()
-    node = slicer.vtkMRMLSegmentationNode()
+    node = getattr(slicer, node_class)()
     scene.AddNode(node)
-    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage = getattr(slicer, storage_class)()
     scene.AddNode(storage)
     storage.SetFileName(str(path))
     assert storage.ReadData(node) == 1

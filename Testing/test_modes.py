@@ -11,6 +11,7 @@ from conftest import require_shared, small_checkpoint
 from UniversalSegLib.io import read_volume
 from UniversalSegLib.io.masks import LazyMasks
 from UniversalSegLib.io.writers import write_label_map, write_seg_nrrd
+from UniversalSegLib.helpers import dice_score as dice
 from UniversalSegLib.pipeline import MODES, Segmenter
 
 CLASSES = "liver, spleen, kidneys, aorta, stomach"
@@ -82,9 +83,6 @@ def test_fast_mode_cost_on_the_trained_demo_model():
                                orientation=settings["orientation"])
     results = {m: Segmenter(checkpoint, device="cpu", mode=m).segment(phantom.volume) for m in MODES}
     ref = results["reference"]
-
-    def dice(a, b):
-        return 2 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1)
 
     fast = [dice(results["fast"].masks[i], ref.masks[i]) for i in ref.masks]
     assert np.mean(fast) >= 0.9

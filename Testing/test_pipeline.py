@@ -127,3 +127,20 @@ def test_probabilities_cached_on_request(segmenter, ct):
             assert (prob < 128).any()
             checked += 1
     assert checked >= 2
+
+
+def test_thread_count_applies_during_the_run_and_is_restored(tmp_path):
+    """PyTorch's thread count is process-wide (Slicer shares it): a run uses its own and gives it back."""
+    import torch
+
+    checkpoint = small_checkpoint(tmp_path / "small.safetensors")
+    image = np.full((24, 24, 24), -1000, np.int16)
+    image[4:20, 4:20, 4:20] = 40
+    volume = Volume(image, np.diag([5.0, 5.0, 5.0, 1.0]), "cube.nii.gz", "nifti")
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    segmenter = Segmenter(checkpoint, device="cpu", threads=wanted)
+    assert torch.get_num_threads() == before  # making a segmenter changes nothing
+    seen = set()
+    segmenter.segment(volume, "liver", progress=lambda stage, fraction: seen.add(torch.get_num_threads()))
+    assert seen == {wanted} and torch.get_num_threads() == before

@@ -353,7 +353,7 @@ def test_required_classes():
 
 def test_bad_inputs_get_clear_errors():
     mask = np.zeros((4, 4, 4), dtype=bool)
-    with pytest.raises(MissingInputError, match=r"class 26 \(kidney tumour\).*\[2, 3\]"):
+    with pytest.raises(MissingInputError, match=r"class 26 \(Kidney Tumor\).*\[2, 3\]"):
         postprocess_masks({26: mask})
     with pytest.raises(MissingInputError, match=r"requested class\(es\) \[7\]"):
         postprocess_masks({6: mask}, classes=[7])

@@ -1,4 +1,5 @@
-"""Preprocessing (SPEC s.3) and its inverse onto the input grid (SPEC s.9).
+"""Preprocessing (orientation, 1.5 mm resampling, HU window, crop to the body) and its inverse onto the
+input grid.
 
 Checked against the official pipeline's outputs on the phantom (reference/fixture/preproc_phantom.*), against
 MONAI's own ``Invertd`` on tie-heavy synthetic grids, and by round trips of analytic label volumes through
@@ -126,7 +127,7 @@ def test_phantom_array_matches_official_preprocessing(fixture_phantom):
     expected, _, _, prep = fixture_phantom
     assert prep.array.dtype == np.float32
     assert prep.array.shape == expected["preprocessed"].shape == (74, 57, 116)
-    # SPEC s.3: MONAI 0.9.0 (official pin) and 1.6.1 differ by <= 6.1e-6.
+    # MONAI 0.9.0 (the official pin) and 1.6.1 resample to within 6.1e-6 of each other.
     np.testing.assert_allclose(prep.array, expected["preprocessed"], rtol=0, atol=1e-5)
     assert prep.array.min() == 0.0 and prep.array.max() == 1.0
 
@@ -419,7 +420,7 @@ def test_real_ct_example():
     array = np.asarray(image.dataobj)
     prep = preprocess(array, image.affine)
     assert prep.resampled_shape == (243, 201, 223)  # 122x101x112 @ 3 mm -> 1.5 mm
-    assert prep.shape == (243, 193, 223)  # after cropping to the body (SPEC / issue note)
+    assert prep.shape == (243, 193, 223)  # after cropping to the body
     assert prep.array.dtype == np.float32 and 0.0 <= prep.array.min() and prep.array.max() <= 1.0
     # The body mask brought back agrees with the body mask computed on the original grid.
     back = to_source_grid(prep.array > 0.0, prep)

@@ -20,12 +20,23 @@ from UniversalSegLib.mrml import (  # noqa: E402
     MRMLBridgeError,
     headless_scene,
     mask_from_segment,
+    oriented_image_from_mask,
     segment_class_index,
-    segment_from_mask,
+    set_segment_class,
     volume_from_node,
     volume_node_from_volume,
 )
 from UniversalSegLib.taxonomy import get_taxonomy  # noqa: E402
+
+
+def segment_from_mask(mask, ijk_to_ras, info):
+    """A new vtkSegment holding ``mask`` as its binary labelmap (label value 1), tagged with ``info``."""
+    segment = slicer.vtkSegment()
+    set_segment_class(segment, info)
+    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(),
+                              oriented_image_from_mask(mask, ijk_to_ras))
+    segment.SetLabelValue(1)
+    return segment
 
 CT = "data/totalsegmentator/example_ct.nii.gz"
 LIVER = "data/totalsegmentator/example_seg_hist/liver.nii.gz"

@@ -124,9 +124,19 @@ def headless():
     return headless_scene()
 
 
+@pytest.fixture(scope="module")
+def worker():
+    """One worker process for the module's tests (as in Slicer: one per session, the model stays loaded)."""
+    from UniversalSegLib.worker import WorkerProcess
+
+    process = WorkerProcess()
+    yield process
+    process.stop()
+
+
 @pytest.fixture
-def logic(headless):
-    logic = SegmentationLogic(headless.scene, threads=1)
+def logic(headless, worker):
+    logic = SegmentationLogic(headless.scene, threads=1, worker=worker)
     yield logic
     logic.shutdown()
 
@@ -196,9 +206,9 @@ def test_background_run_gives_the_library_masks_as_segments(small_model, referen
     canonical = nib.as_closest_canonical(nib.Nifti1Image(liver.astype(np.uint8), volume.affine))
     assert np.array_equal(np.asarray(canonical.dataobj) > 0, reference_liver)
 
-    # closed surfaces are shown in 3D; the statistics table matches the masks
-    assert segmentation_node.GetSegmentation().ContainsRepresentation("Closed surface")
-    assert segmentation_node.GetDisplayNode().GetPreferredDisplayRepresentationName3D() == "Closed surface"
+    # no closed surfaces unless asked (built on the main thread); the statistics table, from the worker's
+    # measurement, matches the masks
+    assert not segmentation_node.GetSegmentation().ContainsRepresentation("Closed surface")
     table = applied.table_node
     assert segmentation_node.GetNodeReference(STATISTICS_REFERENCE) is table
     rows = {table.GetCellText(r, 0): r for r in range(table.GetNumberOfRows())}
@@ -208,6 +218,14 @@ def test_background_run_gives_the_library_masks_as_segments(small_model, referen
     assert float(table.GetCellText(row, 2)) == pytest.approx(liver.sum() * voxel_ml, rel=1e-3)
     assert float(table.GetCellText(row, 4)) == pytest.approx(volume.array[liver].mean(), abs=0.06)
     assert table.GetCellText(row, 5) == "unreviewed"
+    # measured again from the segments' labelmap layers (what Accept and corrections refresh): the same
+    from UniversalSegSlicer.statistics import segment_statistics
+
+    again = {row.class_index: row for row in segment_statistics(segmentation_node, node)}
+    for index in CLASSES:
+        assert again[index].voxels == expected[index].sum()
+        if expected[index].any():
+            assert again[index].mean_hu == pytest.approx(volume.array[expected[index]].mean(), abs=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +276,53 @@ def test_existing_segments_stay_and_replacing_a_class_needs_confirmation(small_m
     assert np.array_equal(mask_from_segment(segmentation_node, "mine", node), user_mask)
 
 
+def test_a_segmentation_under_another_transform_gets_its_segments_on_the_anatomy(small_model, headless, logic):
+    """The output segmentation sits under a linear transform the volume does not have: the new segments
+    must still cover what the model saw (seen in world coordinates), and the statistics come from the
+    worker's own measurement for them."""
+    import vtk
+
+    node = _synthetic_node(headless)
+    transform = headless.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 20.0)
+    shift.SetElement(2, 3, -7.5)
+    transform.SetMatrixTransformToParent(shift)
+    existing = headless.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "existing")
+    existing.SetAndObserveTransformNodeID(transform.GetID())
+    existing.GetSegmentation().AddEmptySegment("mine", "My annotation")
+    job = _wait(logic.start_segmentation(node, "liver", small_model, "cpu"))
+    applied = logic.apply_result(job, node, existing, show_3d=True)
+    assert existing.GetTransformNodeID() == transform.GetID()  # the user's transform is left alone
+    assert existing.GetSegmentation().ContainsRepresentation("Closed surface")  # 3D when asked for
+    assert existing.GetDisplayNode().GetPreferredDisplayRepresentationName3D() == "Closed surface"
+
+    # harden the transform: the segmentation is then in world coordinates, where the liver must match
+    slicer.vtkSlicerTransformLogic.hardenTransform(existing)
+    existing.SetReferenceImageGeometryParameterFromVolumeNode(node)
+    expected = _library_masks(small_model, volume_from_node(node), ["liver"])[6]
+    assert expected.any()
+    assert np.array_equal(mask_from_segment(existing, applied.segment_ids[6], node), expected)
+    table = applied.table_node
+    rows = {table.GetCellText(r, 0): int(table.GetCellText(r, 3)) for r in range(table.GetNumberOfRows())}
+    assert rows == {"My annotation": 0, "Liver": int(expected.sum())}
+
+
+def test_a_failing_statistics_table_does_not_hide_that_the_segments_went_in(small_model, headless, logic,
+                                                                           monkeypatch):
+    node = _synthetic_node(headless)
+    job = _wait(logic.start_segmentation(node, "liver", small_model, "cpu"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("table node locked")
+
+    monkeypatch.setattr(logic, "update_statistics_table", broken)
+    applied = logic.apply_result(job, node)
+    assert applied.segment_ids and applied.table_node is None
+    assert applied.statistics_error == "table node locked"  # the panel says so instead of "nothing changed"
+    assert applied.segmentation_node.GetSegmentation().GetSegment(applied.segment_ids[6]) is not None
+
+
 def test_cancel_stops_within_seconds_and_leaves_the_scene_as_it_was(small_model, headless, logic):
     node = headless.load_volume(require_shared(CT), "ct")
     before = _scene_state(headless.scene)
@@ -274,10 +339,16 @@ def test_cancel_stops_within_seconds_and_leaves_the_scene_as_it_was(small_model,
     started.set()
     _wait(job)
     assert job.state is JobState.CANCELLED and cancelled_at
-    assert job.finished_at - cancelled_at[0] < 5.0
+    assert job.finished_at - cancelled_at[0] < 0.1  # the panel is free at once
+    deadline = time.monotonic() + 10
+    while "worker_stopped_at" not in job.metadata and time.monotonic() < deadline:
+        logic.worker.poll()
+        time.sleep(0.02)
+    assert job.metadata["worker_stopped_at"] - cancelled_at[0] < 1.0  # and the worker within a second
     with pytest.raises(JobCancelled):
         logic.apply_result(job, node)
     assert _scene_state(headless.scene) == before
+    assert sorted(p.name for p in logic.worker.folder.iterdir()) == ["events.jsonl", "worker.log"]  # no leftovers
 
 
 def test_failures_leave_the_scene_as_it_was_and_say_what_is_wrong(small_model, headless, logic, tmp_path):
@@ -311,8 +382,7 @@ def test_click_to_select_names_the_class_and_never_reruns_the_network(small_mode
     assert logic.classes_at(node, ras(BRIGHT_CENTRE), small_model) is None  # nothing cached yet
     job = _wait(logic.start_prediction(node, small_model, "cpu"))
     assert job.state is JobState.SUCCEEDED
-    forwards = []
-    logic.loaded_segmenter.model.register_forward_hook(lambda module, args, output: forwards.append(1))
+    requests = logic.worker.requests_sent
 
     hits = logic.classes_at(node, ras(BRIGHT_CENTRE), small_model)
     assert [hit.info.display_name for hit in hits] == ["Liver"] and hits[0].probability > 0.5
@@ -329,7 +399,7 @@ def test_click_to_select_names_the_class_and_never_reruns_the_network(small_mode
     logic.add_predicted_class(node, 1, small_model, segmentation_node)
     assert logic.remove_class_segment(segmentation_node, 6)
     assert list(segmentation_node.GetSegmentation().GetSegmentIDs()) == ["spleen"]
-    assert forwards == []  # clicks, adds and removals never ran the network
+    assert logic.worker.requests_sent == requests  # clicks, adds and removals never asked the worker
 
     # new voxels in the volume: the cached prediction no longer applies
     slicer.util.arrayFromVolume(node)[0, 0, 0] = 0
@@ -409,9 +479,20 @@ def test_parameters_live_in_the_scenes_parameter_node(headless):
     assert ModuleParameters.read(node) == ModuleParameters()
     volume = _synthetic_node(headless)
     chosen = ModuleParameters(input_volume_id=volume.GetID(), classes=["liver", "liver_tumor"], model="unet",
-                              device="cpu", show_3d=False, mode="fast")
+                              device="cpu", show_3d=False, mode="fast", runtime="openvino")
     chosen.write(node)
     assert ModuleParameters.read(node) == chosen
+
+
+def test_runtime_choice_reaches_the_segmenter(small_model, headless, logic, tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("UNIVERSALSEG_HOME", str(tmp_path / "home"))  # the conversion cache
+    node = _synthetic_node(headless)
+    progress = []
+    _wait(logic.start_segmentation(node, "liver", small_model, "cpu", on_progress=lambda s, f: progress.append(s),
+                                   runtime="openvino"))
+    assert logic.last_run["runtime"] == "openvino"
+    assert "convert" in progress and progress.index("convert") < progress.index("inference")
 
 
 def test_estimate_scales_with_the_image_and_the_device(headless, logic):
@@ -430,9 +511,8 @@ def test_fast_mode_runs_from_the_module_logic(small_model, headless, logic):
     gives segments on the volume like a default run."""
     node = headless.load_volume(require_shared(CT), "ct")
     default = _wait(logic.start_segmentation(node, "liver, spleen", small_model, "cpu"))
-    default_segmenter = logic._segmenter
     fast = _wait(logic.start_segmentation(node, "liver, spleen", small_model, "cpu", mode="fast"))
-    assert logic._segmenter is not default_segmenter and logic._segmenter.mode.name == "fast"
+    assert fast.result().info["model_loaded"] and fast.result().info["mode"] == "fast"  # its own segmenter
     applied = logic.apply_result(fast, node)
     names = [applied.segmentation_node.GetSegmentation().GetNthSegment(i).GetName()
              for i in range(applied.segmentation_node.GetSegmentation().GetNumberOfSegments())]

@@ -35,7 +35,7 @@ from UniversalSegSlicer.dependencies import (  # noqa: E402
     run_installation,
 )
 from UniversalSegSlicer.estimate import estimate_run  # noqa: E402
-from UniversalSegSlicer.jobs import BackgroundJob, BackgroundRunner, JobState  # noqa: E402
+from UniversalSegSlicer.jobs import BackgroundJob, JobState  # noqa: E402
 from UniversalSegSlicer.messages import plain_message  # noqa: E402
 
 MODULE_FILE = MODULE_DIR / "UniversalSeg.py"
@@ -60,7 +60,8 @@ def test_module_file_has_the_scripted_module_classes(module_tree):
     classes = _classes(module_tree)
     assert _base_names(classes["UniversalSeg"]) == ["ScriptedLoadableModule"]
     assert _base_names(classes["UniversalSegWidget"]) == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
-    assert _base_names(classes["UniversalSegLogic"]) == ["ScriptedLoadableModuleLogic", "SegmentationLogic"]
+    # the Qt-free logic first: ScriptedLoadableModuleLogic.__init__ calls super().__init__() without arguments
+    assert _base_names(classes["UniversalSegLogic"]) == ["SegmentationLogic", "ScriptedLoadableModuleLogic"]
     assert _base_names(classes["UniversalSegTest"]) == ["ScriptedLoadableModuleTest"]
     # module-level imports: Slicer/Qt and the Qt-free package; never torch (installed later, on request)
     imported = {alias.name.split(".")[0] for node in module_tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
@@ -117,10 +118,31 @@ def test_qt_free_package_imports_without_qt_slicer_or_torch():
             for name in names:
                 assert name.split(".")[0] not in {"qt", "ctk"}, f"{path.name} imports {name}"
                 assert not name.startswith("slicer.ScriptedLoadableModule"), f"{path.name} imports {name}"
-    code = ("import sys, UniversalSegSlicer, UniversalSegSlicer.logic, UniversalSegSlicer.snapshots, "
+    code = ("import sys, UniversalSegSlicer, UniversalSegSlicer.logic, UniversalSegSlicer.snapshots, UniversalSegLib.worker, "
             "UniversalSegSlicer.dependencies, UniversalSegSlicer.parameters; "
             "heavy = [m for m in ('torch', 'monai', 'slicer', 'qt') if m in sys.modules]; "
             "assert not heavy, heavy")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(MODULE_DIR)])}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO_ROOT)
+
+
+def test_model_metadata_and_classes_are_read_without_torch(tmp_path):
+    """The widget's class list, estimate and licence come from the selected model's metadata, read in
+    Slicer's process without PyTorch: a UniversalSeg checkpoint's header, or the registered model's."""
+    from conftest import small_checkpoint
+    from UniversalSegLib.checkpoints import load_checkpoint, save_checkpoint
+
+    full = load_checkpoint(small_checkpoint(tmp_path / "full.safetensors"))
+    classes = Taxonomy([full.metadata.classes[6], full.metadata.classes[27]])
+    three = full.with_classes(classes, full.label_embeddings[[5, 26]])
+    path = save_checkpoint(tmp_path / "two.safetensors", three.state_dict, three.metadata)
+    code = ("import sys; from UniversalSegSlicer.logic import SegmentationLogic as L; "
+            f"m = L.model_metadata({str(path)!r}); "
+            f"assert m.model.backbone == 'unet' and [c.key for c in L.model_classes({str(path)!r})] == "
+            "['liver', 'liver_tumor'], m; "
+            "assert L.model_metadata('unet').model.backbone == 'unet' and len(L.model_classes('swinunetr')) == 32; "
+            "assert L.model_metadata('clip_driven_universal_unet.pth').model.backbone == 'unet'; "
+            "heavy = [m for m in ('torch', 'monai', 'safetensors') if m in sys.modules]; assert not heavy, heavy")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(MODULE_DIR)])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO_ROOT)
 
@@ -200,7 +222,15 @@ def test_packaged_module_carries_the_library(tmp_path):
     code = ("import UniversalSegLib, UniversalSegSlicer.logic, UniversalSegLib.mrml; "
             "from UniversalSegLib.taxonomy import get_taxonomy; from UniversalSegSlicer.dependencies import read_requirements; "
             f"assert UniversalSegLib.__file__.startswith({str(modules)!r}), UniversalSegLib.__file__; "
-            "assert len(get_taxonomy()) == 32 and len(read_requirements()) >= 10; print('ok')")
+            "assert len(get_taxonomy()) == 32 and len(read_requirements()) >= 10; "
+            # the self-test's demo model and the terminology file are packaged; the worker starts from the tree
+            "from UniversalSegLib.demo import demo_checkpoint_path; demo_checkpoint_path(); "
+            "from UniversalSegSlicer.terminology import TERMINOLOGY_FILE; assert TERMINOLOGY_FILE.is_file(); "
+            "import time; from UniversalSegLib.worker import WorkerProcess, library_path; "
+            f"assert library_path() == {str(modules)!r}; w = WorkerProcess(); i = w.new_request_id(); got = []; "
+            "w.send(i, 'status', got.append); t = time.time()\n"
+            "while not got and time.time() - t < 60: w.poll(); time.sleep(0.02)\n"
+            "w.stop(); assert got and got[0]['event'] == 'result', got; print('ok')")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(modules)
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
@@ -242,8 +272,18 @@ def test_dependency_check_and_install_plan():
     with pytest.raises(DependencyError, match="install the PyTorch extension"):
         run_installation(fixable, pip_install=calls.append, install_torch=None)
     assert calls == []  # nothing half-installed
-    run_installation(fixable, pip_install=calls.append, install_torch=lambda spec: calls.append(("torch", spec)) or "torch")
-    assert calls == [("torch", ">=99"), ["universalseg-no-such-package>=1.0"]]  # torch first, then pip
+
+    def pip_install(arguments):
+        constraints = arguments[arguments.index("-c") + 1]
+        calls.append((arguments[:arguments.index("-c")], Path(constraints).read_text().split()))
+
+    run_installation(fixable, pip_install=pip_install, install_torch=lambda spec: calls.append(("torch", spec)) or "torch")
+    from importlib.metadata import version
+
+    # torch first, then pip under constraints that keep the installed PyTorch and numpy where they are
+    assert calls == [("torch", ">=99"), (["universalseg-no-such-package>=1.0"],
+                                          [f"torch=={version('torch')}", f"numpy=={version('numpy')}",
+                                           f"simpleitk=={version('simpleitk')}"])]
 
 
 def test_probe_import_reports_a_broken_package(tmp_path, monkeypatch):
@@ -258,8 +298,9 @@ def test_probe_import_reports_a_broken_package(tmp_path, monkeypatch):
     from UniversalSegSlicer import dependencies
 
     monkeypatch.setitem(dependencies.IMPORT_NAMES, "brokenpkg", "brokenpkg")
-    (status,) = check_requirements([Requirement("brokenpkg>=1")], probe_imports=True)
-    assert status.problem == "broken" and "libtorch_cpu.so" in status.describe()
+    (status, fine) = check_requirements([Requirement("brokenpkg>=1"), Requirement("tqdm")], probe_imports=True)
+    assert status.problem == "broken" and "libtorch_cpu.so" in status.describe() and fine.ok
+    assert "brokenpkg" not in sys.modules  # probed in another process: nothing loaded (or locked) here
 
 
 # ------------------------------------------------------------------------------------- class picker
@@ -294,35 +335,45 @@ def test_class_groups_and_presets():
 
 
 # -------------------------------------------------------------------------------------------- jobs
-def test_background_jobs_report_progress_failures_and_cancel():
-    runner = BackgroundRunner()
+def test_jobs_follow_the_worker_process_events():
+    """A job is the panel's view of one worker request: progress, result, error and cancel (a real worker
+    process; these requests need no model, so PyTorch is never imported)."""
+    from UniversalSegLib.worker import WorkerProcess
+
+    worker = WorkerProcess()
     try:
-        job = BackgroundJob("ok")
+        def submit(op, **fields):
+            request_id = worker.new_request_id()
+            job = BackgroundJob(op, poll=worker.poll, on_cancel=lambda: worker.cancel(request_id))
 
-        def work(job):
-            job.report("inference", 0.5)
-            assert job.progress == pytest.approx(0.05 + 0.02 + 0.05 + 0.78 * 0.5)
-            return 42
+            def listener(event):
+                if event["event"] == "result":
+                    job.succeed(event)
+                elif event["event"] == "error":
+                    job.fail(RuntimeError(event["message"]), event["details"])
 
-        assert runner.submit(job, work).wait(10) and job.result() == 42 and job.state is JobState.SUCCEEDED
-        failing = BackgroundJob("fails")
-        runner.submit(failing, lambda job: np.linalg.inv(np.zeros((2, 2))))
+            worker.send(request_id, op, listener, **fields)
+            return job
+
+        job = submit("status")
+        assert job.wait(60) and job.state is JobState.SUCCEEDED
+        assert job.result()["loaded"] is False and job.result()["pid"] == worker.process.pid
+        failing = submit("no_such_request")
         assert failing.wait(10) and failing.state is JobState.FAILED
-        assert isinstance(failing.error, np.linalg.LinAlgError) and "LinAlgError" in failing.error_details
-        with pytest.raises(np.linalg.LinAlgError):
+        assert "unknown worker request" in str(failing.error) and "Traceback" in failing.error_details
+        with pytest.raises(RuntimeError):
             failing.result()
-        blocked = BackgroundJob("cancelled before it started")
-        gate = BackgroundJob("gate")
-        import threading
-
-        release = threading.Event()
-        runner.submit(gate, lambda job: release.wait(10))
-        runner.submit(blocked, lambda job: pytest.fail("must not run"))
-        blocked.cancel()
-        release.set()
-        assert blocked.wait(10) and blocked.state is JobState.CANCELLED and blocked.status_text == "Cancelled"
+        job.report("inference", 0.5)  # a finished job ignores late events
+        assert job.progress == 1.0
+        running = BackgroundJob("progress")
+        running.report("inference", 0.5)
+        assert running.progress == pytest.approx(0.05 + 0.02 + 0.05 + 0.78 * 0.5)
+        assert "50 %" in running.status_text
+        running.cancel()
+        assert running.done() and running.state is JobState.CANCELLED and running.status_text == "Cancelled"
     finally:
-        runner.shutdown()
+        worker.stop()
+    assert worker.folder is None and not worker.alive()
 
 
 # ---------------------------------------------------------------------------------------- estimate
@@ -346,7 +397,7 @@ def test_estimate_window_count_matches_the_library():
 
 def test_plain_messages():
     assert "ran out of memory" in plain_message(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
-    from UniversalSegLib.io.errors import NotCTError
+    from UniversalSegLib.errors import NotCTError
 
     assert plain_message(NotCTError("x.nii: not a CT")) == "x.nii: not a CT"
     assert "Python console" in plain_message(ZeroDivisionError("division by zero"))

@@ -1,4 +1,4 @@
-"""Streaming sliding window (UniversalSegLib.streaming): the same masks as the official full-volume blend,
+"""Slab-wise sliding window (UniversalSegLib.inference.slabs): the same masks as the official full-volume blend,
 window layouts, float16 slabs, errors; and the memory-lean model forms it relies on."""
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from UniversalSegLib.inference import (InferenceCancelled, InferenceError, count_windows, gaussian_weight_map,
-                                       sliding_window_logits, threshold)
+                                       sliding_window_logits, sliding_window_masks, threshold, window_layout)
 from UniversalSegLib.model import ModelConfig, UniversalModel
-from UniversalSegLib.streaming import sliding_window_masks, window_layout
 
 ROI = (32, 32, 32)
 
@@ -105,7 +104,7 @@ def test_cancel_and_bad_predictor_output(model, image):
 @pytest.mark.parametrize("backbone", ["swinunetr", "unet"])
 def test_inference_forms_equal_the_training_forward(backbone):
     """Without autograd the model runs fused, chunked window attention and in-place normalisation
-    (UniversalSegLib.model.lean); with autograd MONAI's modules. Both compute the same logits."""
+    (UniversalSegLib.model.low_memory); with autograd MONAI's modules. Both compute the same logits."""
     from UniversalSegLib.model import swin_unetr
 
     torch.manual_seed(0)

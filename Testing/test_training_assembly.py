@@ -12,13 +12,14 @@ import torch
 from conftest import require_shared
 from UniversalSegLib.io import Volume
 from UniversalSegLib.io.training_case import write_training_case
+from UniversalSegLib.preprocess import PreprocessingParameters
 from universalseg_training.assembly import (
     AssemblyError,
     harmonise_labels,
     load_case,
     split_left_right,
 )
-from universalseg_training.preprocessing import CaseCache, TrainingPreprocessing
+from universalseg_training.preprocessing import CaseCache
 from universalseg_training.sampling import CropDataset, SamplingConfig
 from universalseg_training.spec import DatasetSpec, DatasetSpecError, load_dataset_spec
 
@@ -42,7 +43,7 @@ def test_spec_maps_names_indices_pairs_and_drops():
     assert spec.targets[5].dropped
     assert spec.targets[6].classes == spec.targets[7].classes == (9,)  # synonyms resolve to the same class
     assert spec.annotated == (2, 3, 6, 9, 16, 17, 27)  # default: every mapped class
-    assert _spec({1: "liver"}, annotated=["liver", "liver tumor"]).annotated == (6, 27)
+    assert _spec({1: "liver"}, absent=["liver tumor"]).annotated == (6, 27)  # annotated, known absent
     assert _spec({1: "kidney"}, annotated="kidneys").annotated == (2, 3)
 
 
@@ -57,6 +58,11 @@ def test_spec_maps_names_indices_pairs_and_drops():
 def test_spec_errors_are_specific(classes, message):
     with pytest.raises(DatasetSpecError, match=message):
         _spec(classes)
+
+
+def test_an_annotated_class_no_raw_value_maps_to_is_an_error():
+    with pytest.raises(DatasetSpecError, match="annotated lists Liver Tumor, but no raw value in 'classes' maps to it"):
+        _spec({1: "liver"}, annotated=["liver", "liver tumor"])
 
 
 def test_spec_rejects_unknown_entries_and_needs_cases(tmp_path):
@@ -207,7 +213,7 @@ def test_preprocessing_cache_and_crops_on_real_ct(tmp_path):
         "label_names": {"file": "class_map_total.json", "key": "total"},
         "classes": {"liver": "liver", "kidney_right": "kidney", "kidney_left": "kidney", "spleen": "spleen"},
         "unlisted": "drop"}, base_dir=_ts(""))
-    prep = TrainingPreprocessing(spacing=(3.0, 3.0, 3.0))
+    prep = PreprocessingParameters(spacing=(3.0, 3.0, 3.0))
     cache = CaseCache([spec], tmp_path / "cache", prep)
     case = cache[0]
     files = sorted((tmp_path / "cache").glob("*.pt"))
@@ -228,11 +234,15 @@ def test_preprocessing_cache_and_crops_on_real_ct(tmp_path):
     assert sorted((tmp_path / "cache").glob("*.pt")) == files
     # Crops: only annotated classes are supervised; every other class is unknown (not background).
     crops = CropDataset(cache, list(range(1, 33)), SamplingConfig(roi_size=(32, 32, 32)), seed=1)
-    sample = crops[0]
-    assert sample["image"].shape == (1, 32, 32, 32) and sample["target"].shape == (32, 32, 32, 32)
-    assert torch.nonzero(sample["annotated"]).flatten().tolist() == [0, 1, 2, 5]
-    assert not sample["target"][~sample["annotated"]].any()
+    sample = crops[0]  # one case, num_samples (default 1) crops of it
+    assert sample["image"].shape == (1, 1, 32, 32, 32) and sample["target"].shape == (1, 32, 32, 32, 32)
+    assert torch.nonzero(sample["annotated"][0]).flatten().tolist() == [0, 1, 2, 5]
+    assert not sample["target"][0][~sample["annotated"][0]].any()
     assert torch.equal(crops[0]["image"], sample["image"])  # a pure function of (seed, rank, index)
+    # Several crops of one case per sample (the official num_samples), each with its own position and targets.
+    several = CropDataset(cache, list(range(1, 33)), SamplingConfig(roi_size=(32, 32, 32), num_samples=3), seed=1)[0]
+    assert several["image"].shape == (3, 1, 32, 32, 32) and several["target"].shape == (3, 32, 32, 32, 32)
+    assert several["annotated"].shape == (3, 32) and len({float(c.sum()) for c in several["image"]}) == 3
 
 
 def test_training_case_dataset(tmp_path):

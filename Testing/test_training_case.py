@@ -9,7 +9,7 @@ import pytest
 
 from conftest import require_shared
 from UniversalSegLib.io import InputNotFoundError, OutputExistsError, Volume, read_volume
-from UniversalSegLib.io.errors import InvalidMaskError
+from UniversalSegLib.errors import InvalidMaskError
 from UniversalSegLib.io.training_case import (
     TrainingCaseError,
     case_paths,

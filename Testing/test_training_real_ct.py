@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 from conftest import require_shared
+from UniversalSegLib.preprocess import PreprocessingParameters
 from universalseg_training.config import TrainConfig
 from universalseg_training.evaluation import evaluate_cases
-from universalseg_training.preprocessing import CaseCache, TrainingPreprocessing
+from universalseg_training.preprocessing import CaseCache
 from universalseg_training.sampling import SamplingConfig
 from universalseg_training.spec import load_dataset_spec
 from universalseg_training.trainer import train
@@ -31,13 +32,13 @@ def test_tiny_model_overfits_the_real_ct(tmp_path):
     config = TrainConfig(
         datasets=(str(spec),), output_dir=str(tmp_path / "run"), model_size="tiny", embedding="onehot",
         classes=("liver", "spleen", "kidneys"), steps=150, batch_size=2, lr=3e-3, warmup_steps=10,
-        preprocessing=TrainingPreprocessing(spacing=(8.0, 8.0, 8.0)), sampling=SamplingConfig(roi_size=(32, 32, 32)),
+        preprocessing=PreprocessingParameters(spacing=(8.0, 8.0, 8.0)), sampling=SamplingConfig(roi_size=(32, 32, 32)),
         checkpoint_every=150, log_every=25, threads=1, progress=False, tensorboard=False)
     result = train(config)
     checkpoint = load_checkpoint(result.final_checkpoint)
     cache = CaseCache([load_dataset_spec(spec)], config.cache_path / "train", config.preprocessing)
     scores = evaluate_cases(checkpoint.build_model(), cache, list(checkpoint.metadata.classes.indices), (32, 32, 32),
-                            overlap=0.5).mean_dice()
+                            overlap=0.5, postprocess="none").mean_dice()  # the raw threshold, as measured
     print("training-case Dice:", scores)
     assert scores[6] > LIVER_DICE_BAR, scores
     assert sum(scores.values()) / len(scores) > MEAN_DICE_BAR, scores

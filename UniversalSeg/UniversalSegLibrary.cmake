@@ -19,7 +19,8 @@ function(universalseg_stage_library lib_dir stage_dir out_scripts out_data)
     set(_depends)
   endif()
   file(GLOB_RECURSE _py RELATIVE "${lib_dir}" ${_depends} "${lib_dir}/*.py")
-  file(GLOB_RECURSE _data RELATIVE "${lib_dir}" ${_depends} "${lib_dir}/data/*.json" "${lib_dir}/data/*.csv")
+  file(GLOB_RECURSE _data RELATIVE "${lib_dir}" ${_depends} "${lib_dir}/data/*.json" "${lib_dir}/data/*.csv"
+    "${lib_dir}/data/demo/*.safetensors")  # the small demo model: the self-test segments with it
   list(FILTER _py EXCLUDE REGEX "(^|/)__pycache__/")
   list(SORT _py)
   list(SORT _data)

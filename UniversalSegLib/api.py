@@ -1,33 +1,34 @@
 """High-level Python API: segment a CT file or DICOM folder and write the results (what the CLI calls).
 
+The output formats are those of the registry in :mod:`UniversalSegLib.io.formats`.
+
 >>> from UniversalSegLib.api import segment_file
 >>> result, written = segment_file("ct.nii.gz", "out/", classes="liver, liver tumor", model="swinunetr")  # doctest: +SKIP
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .io import read_volume, write_class_masks, write_dicom_seg, write_label_map, write_seg_nrrd
-from .io.atomic import atomic_output, ensure_writable_folder, prepare_output_path
-from .io.errors import DicomSegError, OutputExistsError
+from .checkpoint_metadata import read_metadata
+from .io import read_volume
+from .io.atomic import (MIN_OUTPUT_BYTES_PER_VOXEL, OutputTransaction, check_free_space, check_writable_folder,
+                        prepare_output_path, sigterm_as_interrupt)
+from .errors import InputTooLargeError, InvalidArgumentTypeError, OutputExistsError, UsageError
 from .io.volume import Volume
-from .io.writers import sidecar_paths
+from .io.formats import OUTPUT_FORMATS, parse_formats
 from .pipeline import ProgressCallback, SegmentationResult, Segmenter
+from .runtime import requested_runtime
+from .settings import MODES, PRECISIONS
+from .taxonomy import Taxonomy, get_taxonomy
 
-__all__ = ["FORMATS", "DEFAULT_FORMATS", "OutputPlan", "plan_outputs", "parse_formats", "segment_file", "write_result", "case_name"]
+__all__ = ["OutputPlan", "plan_outputs", "parse_formats", "segment_file", "write_result", "case_name",
+           "model_classes"]
 
-#: Output formats: name -> what is written.
-FORMATS = {
-    "nifti": "multi-label NIfTI on the input grid + label table (<case>_labels.nii.gz, .labels.json, .labels.csv)",
-    "seg.nrrd": "Slicer segmentation with names, colours and terminology, overlaps kept (<case>.seg.nrrd)",
-    "masks": "one binary NIfTI per class (<case>_masks/<class>.nii.gz)",
-    "dicom-seg": "DICOM SEG referencing the source series; DICOM input only (<case>_seg.dcm)",
-}
-DEFAULT_FORMATS = ("nifti", "seg.nrrd")
 _EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
@@ -40,26 +41,6 @@ def case_name(path: str | os.PathLike) -> str:
     return name
 
 
-def parse_formats(text: str | Sequence[str] | None) -> tuple[str, ...]:
-    if text is None:
-        return DEFAULT_FORMATS
-    items = [t.strip().lower() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
-    if items == ["all"]:
-        return tuple(FORMATS)
-    aliases = {"nii": "nifti", "nii.gz": "nifti", "segnrrd": "seg.nrrd", "seg-nrrd": "seg.nrrd", "slicer": "seg.nrrd",
-               "dicom": "dicom-seg", "dicomseg": "dicom-seg", "seg.dcm": "dicom-seg"}
-    out = []
-    for item in items:
-        name = aliases.get(item, item)
-        if name not in FORMATS:
-            raise ValueError(f"Unknown output format {item!r}; choose from {', '.join(FORMATS)} or all.")
-        if name not in out:
-            out.append(name)
-    if not out:
-        raise ValueError("No output format given.")
-    return tuple(out)
-
-
 @dataclass(frozen=True)
 class OutputPlan:
     folder: Path
@@ -67,26 +48,29 @@ class OutputPlan:
     formats: tuple[str, ...]
 
     def paths(self) -> dict[str, Path]:
-        f, c = self.folder, self.case
-        table = {"nifti": f / f"{c}_labels.nii.gz", "seg.nrrd": f / f"{c}.seg.nrrd", "masks": f / f"{c}_masks",
-                 "dicom-seg": f / f"{c}_seg.dcm"}
-        out = {name: table[name] for name in self.formats}
-        out["summary"] = f / f"{c}_summary.json"
+        out = {name: OUTPUT_FORMATS[name].path(self.folder, self.case) for name in self.formats}
+        out["summary"] = self.folder / f"{self.case}_summary.json"
         return out
 
-    def check(self, overwrite: bool, input_format: str | None = None) -> None:
+    def check(self, overwrite: bool, input_format: str | None = None, volume: Volume | None = None) -> None:
         """Fail before any work if the folder is not writable, an output exists (and overwrite is off), or
-        a DICOM SEG is asked for an input that is not DICOM (when ``input_format`` is known)."""
-        if input_format is not None and "dicom-seg" in self.formats and input_format != "dicom":
-            raise DicomSegError("DICOM SEG output needs a DICOM input series (it references the source images); "
-                                f"the input is {input_format}. Choose nifti, seg.nrrd or masks.")
-        ensure_writable_folder(self.folder)
+        a DICOM SEG is asked for an input that is not DICOM (when ``input_format`` is known) or whose
+        series a SEG cannot reference (no UIDs...: when the ``volume`` read is given)."""
+        for name in self.formats:
+            if OUTPUT_FORMATS[name].check_input is not None:
+                OUTPUT_FORMATS[name].check_input(input_format, volume)
+        check_writable_folder(self.folder)  # created only when the outputs are written
+        if volume is not None:
+            voxels = math.prod(volume.shape)
+            per_voxel = sum(MIN_OUTPUT_BYTES_PER_VOXEL["dicom-seg" if name == "dicom-seg" else "compressed"]
+                            for name in self.formats)
+            check_free_space(self.folder, int(voxels * per_voxel))
         for name, path in self.paths().items():
-            if name == "masks":
+            if name in OUTPUT_FORMATS and OUTPUT_FORMATS[name].folder:
                 if path.exists() and any(path.iterdir()) and not overwrite:
                     raise OutputExistsError(f"Output folder {path} exists and is not empty; use --overwrite to replace its files.")
             else:
-                prepare_output_path(path, overwrite)
+                prepare_output_path(path, overwrite, create=False)
 
 
 def plan_outputs(input_path: str | os.PathLike, output_folder: str | os.PathLike, formats=None) -> OutputPlan:
@@ -94,45 +78,58 @@ def plan_outputs(input_path: str | os.PathLike, output_folder: str | os.PathLike
 
 
 def write_result(result: SegmentationResult, plan: OutputPlan, overwrite: bool = False) -> dict[str, Path]:
-    """Write every planned output. If one fails, the outputs this call already created are removed again."""
-    plan.check(overwrite, result.volume.format)
+    """Write every planned output as one transaction (:class:`~UniversalSegLib.io.atomic.OutputTransaction`).
+
+    All outputs are written beside the previous ones and then switched in together: afterwards the
+    folder holds either the complete new set or, after any failure or Ctrl-C/SIGTERM, the previous set
+    unchanged (output folders this call created are removed again). Raises
+    :class:`~UniversalSegLib.errors.WriteInterrupted` (exit code 130) when interrupted, with a message
+    that says which of the two is on disk, and :class:`~UniversalSegLib.errors.OutputWriteError` (exit
+    code 5) when the disk is full.
+    """
+    plan.check(overwrite, result.volume.format, volume=result.volume)
     paths = plan.paths()
     taxonomy = result.classes
     masks = result.masks
-    created: list[Path] = []
     written: dict[str, Path] = {}
-    writers: dict[str, Callable] = {
-        "nifti": lambda p: write_label_map(p, result.volume, masks, taxonomy, overwrite),
-        "seg.nrrd": lambda p: write_seg_nrrd(p, result.volume, masks, taxonomy, overwrite),
-        "masks": lambda p: write_class_masks(p, result.volume, masks, taxonomy, overwrite),
-        "dicom-seg": lambda p: write_dicom_seg(p, result.volume, masks, taxonomy, overwrite),
-    }
-    try:
+    # Inside the run folder every name is new: the writers never replace anything there.
+    with sigterm_as_interrupt(), OutputTransaction(plan.folder, overwrite) as run:
         for name in plan.formats:
             path = paths[name]
-            files = [path, *sidecar_paths(path)] if name == "nifti" else [path]
-            new = [f for f in files if not f.exists()]
-            writers[name](path)
-            created.extend(new)
+            fmt = OUTPUT_FORMATS[name]
+            for extra in fmt.extra_files(path):
+                run.stage(extra)
+            fmt.write(run.stage(path), result.volume, masks, taxonomy)
             written[name] = path
-        summary = dict(result.summary(), outputs={k: str(v) for k, v in written.items()})
-        with atomic_output(paths["summary"], overwrite) as tmp:
-            tmp.write_text(json.dumps(summary, indent=2))
         written["summary"] = paths["summary"]
-    except BaseException:
-        for path in reversed(created):
-            _remove_output(path)
-        raise
+        summary = dict(result.summary(), outputs={k: str(v) for k, v in written.items() if k != "summary"})
+        run.stage(paths["summary"]).write_text(json.dumps(summary, indent=2))
+        run.commit()
     return written
 
 
-def _remove_output(path: Path) -> None:
-    import shutil
+def model_classes(model: str | os.PathLike) -> Taxonomy:
+    """The class table of a model without loading its weights (to check class names before any slow step):
+    a UniversalSeg checkpoint's own, else the official 32 classes of the official checkpoints."""
+    path = Path(model).expanduser()
+    if path.suffix == ".safetensors" and path.is_file():
+        return read_metadata(path).classes
+    return get_taxonomy()
 
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+
+def check_run_options(mode: str | None, runtime: str | None, precision: str, threads: int | None,
+                      reference: bool = False) -> None:
+    """Refuse an impossible request before anything slow happens: an unknown mode, runtime or precision, a
+    thread count that is not a positive whole number (:class:`~UniversalSegLib.errors.UsageError`)."""
+    if reference and mode not in (None, "reference"):
+        raise UsageError(f"reference=True contradicts mode={mode!r}.")
+    if mode is not None and mode not in MODES:
+        raise UsageError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
+    if precision not in PRECISIONS:
+        raise UsageError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise UsageError(f"The thread count must be a whole number of at least 1, got {threads!r}.")
+    requested_runtime(runtime)
 
 
 def segment_file(input_path: str | os.PathLike, output_folder: str | os.PathLike | None = None,
@@ -140,25 +137,55 @@ def segment_file(input_path: str | os.PathLike, output_folder: str | os.PathLike
                  device: str = "auto", precision: str = "float32", threads: int | None = None,
                  formats: str | Sequence[str] | None = None, series_uid: str | None = None, force: bool = False,
                  overwrite: bool = False, reference: bool = False, mode: str | None = None,
-                 progress: ProgressCallback | None = None,
-                 show_progress: bool = False, segmenter: Segmenter | None = None) -> tuple[SegmentationResult, dict[str, Path]]:
+                 runtime: str | None = None, progress: ProgressCallback | None = None,
+                 show_progress: bool = False, segmenter: Segmenter | None = None,
+                 log: Callable[[str], None] | None = None) -> tuple[SegmentationResult, dict[str, Path]]:
     """Read ``input_path``, segment ``classes`` (None = all), write the results into ``output_folder``.
 
-    Everything that can be checked before the (slow) network runs is checked first: the input, the class
-    names, the model, the output folder and existing outputs. Returns the result and the written paths
-    (empty when ``output_folder`` is None). ``mode`` is ``"default"``, ``"fast"`` or ``"reference"``
-    (:data:`UniversalSegLib.pipeline.MODES`); ``reference=True`` means ``mode="reference"``.
+    Everything that can be checked before the (slow) network runs is checked first, cheapest first: the
+    output folder and existing outputs, the class names (against the model's class table), the input,
+    the model. Returns the result and the written paths (empty when ``output_folder`` is None). ``mode`` is
+    ``"default"``, ``"fast"`` or ``"reference"`` (:data:`UniversalSegLib.settings.MODES`);
+    ``reference=True`` means ``mode="reference"``. ``runtime`` is ``"auto"``, ``"torch"`` or
+    ``"openvino"`` (see :class:`~UniversalSegLib.pipeline.Segmenter`). ``progress`` also gets a
+    ``"write"`` stage before the outputs are written; ``log`` gets one line each about the input, the
+    model and the classes.
     """
-    from .models import resolve_model
+    from .model_store import resolve_model
 
+    say = log or (lambda line: None)
+    check_run_options(mode, runtime, precision, threads, reference)
+    if classes is not None and not isinstance(classes, (str, list, tuple)):
+        raise InvalidArgumentTypeError(f"classes are names like 'liver, pancreas' or a list of names, got {classes!r}.")
     plan = plan_outputs(input_path, output_folder, formats) if output_folder is not None else None
-    volume: Volume = read_volume(input_path, series_uid=series_uid, force=force)
-    if segmenter is None:
-        segmenter = Segmenter(resolve_model(model), device=device, precision=precision, threads=threads, reference=reference,
-                              mode=mode)
-    requested = segmenter.resolve(classes)
     if plan is not None:
-        plan.check(overwrite, volume.format)
-    result = segmenter.segment(volume, requested, progress=progress, show_progress=show_progress)
-    written = write_result(result, plan, overwrite) if plan is not None else {}
-    return result, written
+        plan.check(overwrite)  # fail before any slow step
+    wanted = None if not classes or (isinstance(classes, str) and classes.strip().lower() == "all") else classes
+    if wanted is not None and segmenter is None:
+        wanted = model_classes(model).resolve(wanted)  # unknown names fail before the input is read
+
+    volume: Volume = read_volume(input_path, series_uid=series_uid, force=force)
+    say(f"input: {volume.describe()}")
+    for note in volume.notes:
+        say(f"note: {note}")
+    if segmenter is None:
+        checkpoint = resolve_model(model)
+        segmenter = Segmenter(checkpoint, device=device, precision=precision, threads=threads, reference=reference,
+                              mode=mode, runtime=runtime)
+    else:
+        checkpoint = segmenter.checkpoint.path
+    requested = segmenter.resolve(wanted)
+    if plan is not None:
+        plan.check(overwrite, volume.format, volume=volume)
+    say(f"model: {checkpoint} ({segmenter.checkpoint.metadata.model.backbone}) on {segmenter.device}, "
+        f"{segmenter.runtime} runtime")
+    say(f"classes ({len(requested)}): {', '.join(c.display_name for c in requested)}")
+    try:
+        result = segmenter.segment(volume, requested, progress=progress, show_progress=show_progress)
+    except MemoryError:
+        raise InputTooLargeError(f"{input_path}: not enough memory to segment {volume.describe()}.") from None
+    if plan is None:
+        return result, {}
+    if progress is not None:
+        progress("write", 0.0)
+    return result, write_result(result, plan, overwrite)

@@ -1,37 +1,41 @@
 """Checkpoints: the released official ``.pth`` files and UniversalSeg's own safetensors format.
 
 Official files (``clip_driven_universal_{swin_unetr,unet}.pth``) are PyTorch pickles. They are read with
-``torch.load(weights_only=True)``, which refuses pickled code, and accept both key layouts seen in the wild
-(SPEC s.7.5): the released one (``module.`` prefix; the Swin file in the pre-2023 flat layout without
+``torch.load(weights_only=True)``, which refuses pickled code, and accept both key layouts seen in the wild:
+the released one (``module.`` prefix; the Swin file in the pre-2023 flat layout without
 ``backbone.``) and the one a DDP run of the current official ``train.py`` writes
 (``module.backbone.swinViT...``).
 
 Our own format is a single ``.safetensors`` file: tensors under the official key names, and JSON metadata
-in the safetensors header (key ``"universalseg"``): architecture, the class table with prompts,
-preprocessing and inference parameters, library version, provenance and licence. The label embeddings are
-the ``organ_embedding`` tensor, so inference never needs a text encoder for the classes a checkpoint knows.
+in the safetensors header (key ``"universalseg"``; :mod:`.checkpoint_metadata`, readable without PyTorch):
+the backbone's registered name and arguments, the class table with prompts, preprocessing and inference
+parameters, library version, provenance and licence. The label embeddings are the ``organ_embedding``
+tensor, so inference never needs a text encoder for the classes a checkpoint knows. The backbone of an
+official file is recognised from its keys and sized from its tensor shapes (:mod:`.backbones`).
 """
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import pickle
 import zipfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
 from . import __version__
-from .inference import InferenceParameters
-from .models import OFFICIAL_LICENSE
-from .model import BACKBONES, ModelConfig, UniversalModel
-from .preprocess import PreprocessingParameters
-from .taxonomy import ClassInfo, Taxonomy, get_taxonomy
-from .text import PROMPT_TEMPLATE
+from .backbones import BACKBONES, detect_backbone, get_backbone
+from .checkpoint_metadata import (FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, CheckpointMetadata, check_file,
+                                  is_safetensors, official_metadata, read_metadata)
+from .errors import CheckpointError, OutputExistsError
+from .helpers import sha256_file
+from .io.atomic import atomic_output
+from .model import ModelConfig, UniversalModel
+from .model_store import OFFICIAL_LICENSE
+from .taxonomy import ClassInfo, Taxonomy
 
 if TYPE_CHECKING:
     from .text import TextEncoder
@@ -43,69 +47,8 @@ __all__ = [
     "read_metadata", "official_metadata", "sha256_file",
 ]
 
-FORMAT_NAME = "universalseg-checkpoint"
-FORMAT_VERSION = 1
-_METADATA_KEY = "universalseg"
-_OFFICIAL_EMBEDDING = "clip-vit-b32-openai"
 # Top-level modules of the official Swin UNETR that the released (pre-2023, flat) layout has at the root.
 _FLAT_SWIN_PREFIXES = ("swinViT.", "encoder", "decoder")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be used; the message names the file and what is wrong."""
-
-    def __init__(self, path: str | os.PathLike | None, problem: str) -> None:
-        self.path = None if path is None else str(path)
-        super().__init__(f"{problem} (checkpoint: {self.path})" if path is not None else problem)
-
-
-@dataclass
-class CheckpointMetadata:
-    """Everything about a checkpoint except its tensors."""
-
-    model: ModelConfig
-    classes: Taxonomy
-    preprocessing: PreprocessingParameters = field(default_factory=PreprocessingParameters)
-    inference: InferenceParameters = field(default_factory=InferenceParameters)
-    embedding: dict = field(default_factory=lambda: {"encoder": _OFFICIAL_EMBEDDING, "template": PROMPT_TEMPLATE})
-    provenance: dict = field(default_factory=dict)
-    license: str = ""
-    library_version: str = __version__
-
-    def to_dict(self) -> dict:
-        return {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "library_version": self.library_version,
-            "model": self.model.to_dict(), "classes": self.classes.to_dict(),
-            "preprocessing": self.preprocessing.to_dict(), "inference": self.inference.to_dict(),
-            "embedding": dict(self.embedding),
-            "provenance": dict(self.provenance), "license": self.license,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], path: str | os.PathLike | None = None) -> "CheckpointMetadata":
-        if d.get("format") != FORMAT_NAME:
-            raise CheckpointError(path, f"not a UniversalSeg checkpoint (metadata format {d.get('format')!r})")
-        if int(d.get("format_version", 0)) > FORMAT_VERSION:
-            raise CheckpointError(
-                path, f"written by a newer UniversalSeg (format {d['format_version']}, this version reads "
-                f"{FORMAT_VERSION}); upgrade with: pip install -U universalseg")
-        try:
-            return cls(
-                model=ModelConfig.from_dict(d["model"]),
-                classes=Taxonomy.from_dict(d["classes"]),
-                preprocessing=PreprocessingParameters.from_dict(d.get("preprocessing", {})),
-                inference=InferenceParameters.from_dict(d.get("inference", {})),
-                embedding=dict(d.get("embedding", {})),
-                provenance=dict(d.get("provenance", {})),
-                license=str(d.get("license", "")),
-                library_version=str(d.get("library_version", "")),
-            )
-        except (KeyError, TypeError, ValueError) as err:  # TaxonomyError is a ValueError
-            raise CheckpointError(path, f"metadata is incomplete or invalid: {err}") from err
-
-    def channel_of(self, info: ClassInfo) -> int:
-        """Model output channel of a class: its position in this checkpoint's class table."""
-        return list(self.classes.indices).index(info.index)
 
 
 @dataclass
@@ -165,14 +108,6 @@ class Checkpoint:
         return self.with_classes(taxonomy.extended(new), torch.cat([self.label_embeddings.float(), vectors]))
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 2**22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------------
 # Official .pth files
 # --------------------------------------------------------------------------------------------------
@@ -204,29 +139,22 @@ def _official_key(key: str) -> str:
     return key
 
 
-def _detect_backbone(keys: set[str]) -> str | None:
-    if any(k.startswith("backbone.swinViT.") for k in keys):
-        return "swinunetr"
-    if any(k.startswith("backbone.down_tr64.") for k in keys):
-        return "unet"
-    return None
-
-
 def load_official_state_dict(path: str | os.PathLike, backbone: str | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """Read an official checkpoint (either layout) into model key names; infer the architecture from shapes.
 
     ``backbone`` (optional) is what the caller expects; a file of the other backbone is an error.
     """
     path = Path(path)
-    _check_file(path)
+    check_file(path)
     obj = _torch_load(path)
     net = obj.get("net", obj.get("state_dict", obj)) if isinstance(obj, Mapping) else None
     if not isinstance(net, Mapping) or not all(isinstance(v, torch.Tensor) for v in net.values()):
         raise CheckpointError(path, "no weights found: expected a state_dict or a dict with a 'net' state_dict")
     state = {_official_key(k): v for k, v in net.items()}
-    found = _detect_backbone(set(state))
+    found = detect_backbone(state)
     if found is None:
-        raise CheckpointError(path, "not a Universal Model checkpoint: neither Swin UNETR nor U-Net backbone keys found")
+        labels = " nor ".join(spec.label for spec in BACKBONES.values())
+        raise CheckpointError(path, f"not a Universal Model checkpoint: neither {labels} backbone keys found")
     if backbone is not None and backbone != found:
         raise CheckpointError(path, f"wrong backbone: the file holds a {found} model, but {backbone} was requested")
     if "organ_embedding" not in state:
@@ -239,74 +167,15 @@ def _config_from_state(state: Mapping[str, torch.Tensor], backbone: str, path: P
     if emb.dim() != 2:
         raise CheckpointError(path, f"organ_embedding must be 2-D (classes x dim), found shape {tuple(emb.shape)}")
     try:
-        if backbone == "swinunetr":
-            heads = tuple(int(state[f"backbone.swinViT.layers{i}.0.blocks.0.attn.relative_position_bias_table"].shape[1])
-                          for i in range(1, 5))
-            return ModelConfig(backbone=backbone, num_classes=emb.shape[0], embedding_dim=emb.shape[1],
-                               feature_size=int(state["backbone.swinViT.patch_embed.proj.weight"].shape[0]),
-                               num_heads=heads)
-        return ModelConfig(backbone=backbone, num_classes=emb.shape[0], embedding_dim=emb.shape[1],
-                           base_channels=int(state["backbone.down_tr64.ops.0.conv1.weight"].shape[0]))
+        kwargs = get_backbone(backbone).kwargs_from_state(state)
     except KeyError as err:
         raise CheckpointError(path, f"missing key {err.args[0]!r}: the file is not a complete {backbone} Universal Model") from err
-
-
-def official_metadata(config: ModelConfig, source: str | os.PathLike | None = None, source_sha256: str | None = None) -> CheckpointMetadata:
-    """Metadata of an official checkpoint: the 32 official classes, official preprocessing and licence."""
-    taxonomy = get_taxonomy()
-    if config.num_classes != len(taxonomy):
-        raise CheckpointError(
-            source, f"class-count mismatch: the file has {config.num_classes} label embeddings, the official "
-            f"class table has {len(taxonomy)}")
-    provenance = {"origin": "official CLIP-Driven Universal Model release"}
-    if source is not None:
-        provenance["source_file"] = Path(source).name
-    if source_sha256:
-        provenance["source_sha256"] = source_sha256
-    return CheckpointMetadata(model=config, classes=taxonomy, provenance=provenance, license=OFFICIAL_LICENSE)
+    return ModelConfig(backbone=backbone, num_classes=emb.shape[0], embedding_dim=emb.shape[1], backbone_kwargs=kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
 # Own format
 # --------------------------------------------------------------------------------------------------
-
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise CheckpointError(path, "file not found")
-    if path.is_dir():
-        raise CheckpointError(path, "is a folder, expected a checkpoint file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(path, "the file is empty")
-
-
-def _is_safetensors(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(9)
-    # safetensors: 8-byte little-endian header length, then a JSON object.
-    return len(head) == 9 and head[8:9] == b"{"
-
-
-def read_metadata(path: str | os.PathLike) -> CheckpointMetadata:
-    """Metadata of a UniversalSeg checkpoint without reading its tensors (cheap: header only)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    _check_file(path)
-    if not _is_safetensors(path):
-        raise CheckpointError(path, "not a UniversalSeg .safetensors checkpoint")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types for damaged headers
-        raise CheckpointError(path, f"damaged safetensors header: {err}") from err
-    if _METADATA_KEY not in header:
-        raise CheckpointError(path, "a safetensors file without UniversalSeg metadata (no class table, no preprocessing)")
-    try:
-        raw = json.loads(header[_METADATA_KEY])
-    except json.JSONDecodeError as err:
-        raise CheckpointError(path, f"metadata is not valid JSON: {err}") from err
-    return CheckpointMetadata.from_dict(raw, path)
-
 
 def _load_safetensors(path: Path) -> Checkpoint:
     from safetensors.torch import load_file
@@ -318,12 +187,31 @@ def _load_safetensors(path: Path) -> Checkpoint:
         raise CheckpointError(path, f"the file is truncated or damaged: {err}") from err
     if "organ_embedding" not in state:
         raise CheckpointError(path, "missing key 'organ_embedding' (the label embeddings of the classes)")
+    _check_widths_match_tensors(metadata, state, path)
     n_emb, n_cls = state["organ_embedding"].shape[0], len(metadata.classes)
     if n_emb != n_cls or metadata.model.num_classes != n_cls:
         raise CheckpointError(
             path, f"class-count mismatch: {n_emb} label embeddings, {n_cls} classes in the class table, "
             f"{metadata.model.num_classes} in the model configuration")
     return Checkpoint(state, metadata, str(path))
+
+
+def _check_widths_match_tensors(metadata: CheckpointMetadata, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse metadata whose model widths differ from the stored tensors, before the model is built from it
+    (a header claiming a huge width would otherwise allocate that model first)."""
+    spec = get_backbone(metadata.model.backbone)
+    try:
+        stored = spec.kwargs_from_state(state)
+    except KeyError as err:
+        raise CheckpointError(path, f"missing key {err.args[0]!r}: the file is not a complete {spec.name} model") from None
+    claimed = {**dict(spec.defaults), **dict(metadata.model.backbone_kwargs)}
+    differ = [f"{key} {claimed.get(key)!r} (tensors: {value!r})" for key, value in stored.items()
+              if claimed.get(key) != value]
+    if int(state["organ_embedding"].shape[-1]) != metadata.model.embedding_dim:
+        differ.append(f"embedding_dim {metadata.model.embedding_dim} (tensors: {int(state['organ_embedding'].shape[-1])})")
+    if differ:
+        raise CheckpointError(path, "the model configuration in the metadata does not match the stored tensors: "
+                                    + "; ".join(differ))
 
 
 def load_checkpoint(path: str | os.PathLike, backbone: str | None = None) -> Checkpoint:
@@ -333,10 +221,10 @@ def load_checkpoint(path: str | os.PathLike, backbone: str | None = None) -> Che
     :class:`CheckpointError` naming the file and the problem.
     """
     path = Path(path)
-    _check_file(path)
-    if backbone is not None and backbone not in BACKBONES:
-        raise ValueError(f"Unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}.")
-    if _is_safetensors(path):
+    check_file(path)
+    if backbone is not None:
+        get_backbone(backbone)  # ValueError naming the registered backbones
+    if is_safetensors(path):
         ckpt = _load_safetensors(path)
         if backbone is not None and ckpt.metadata.model.backbone != backbone:
             raise CheckpointError(path, f"wrong backbone: the file holds a {ckpt.metadata.model.backbone} model, "
@@ -367,14 +255,15 @@ def _check_keys(model: UniversalModel, state: Mapping[str, torch.Tensor], path: 
 
 def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], metadata: CheckpointMetadata,
                     overwrite: bool = False) -> Path:
-    """Write a UniversalSeg checkpoint atomically (temporary file + rename); never overwrite unless asked."""
+    """Write a UniversalSeg checkpoint atomically (:func:`~UniversalSegLib.io.atomic.atomic_output`); never
+    overwrite unless asked."""
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"UniversalSeg checkpoints are .safetensors files; got {path.name!r}")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True")
+        raise OutputExistsError(f"{path} already exists; choose another name or pass overwrite=True")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
     _check_keys(UniversalModel(metadata.model), state_dict, str(path))
@@ -382,14 +271,9 @@ def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tens
     if n != len(metadata.classes):
         raise CheckpointError(path, f"class-count mismatch: {n} label embeddings but {len(metadata.classes)} classes")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    header = {_METADATA_KEY: json.dumps(metadata.to_dict(), ensure_ascii=False)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    header = {METADATA_KEY: json.dumps(metadata.to_dict(), ensure_ascii=False)}
+    with atomic_output(path, overwrite) as tmp:
         save_file(tensors, str(tmp), metadata=header)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

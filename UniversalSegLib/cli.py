@@ -3,6 +3,7 @@
     universalseg segment CT.nii.gz -o out/ --classes "liver, liver tumor, pancreas"
     universalseg demo out/            # offline: phantom CT + packaged demo model, Dice against the truth
     universalseg classes
+    universalseg batch CT_FOLDER/ -o out/      # a whole corpus: resumable, review queue (see README)
     universalseg models list | download NAME | import FILE | info NAME|FILE | convert FILE OUT.safetensors
 """
 from __future__ import annotations
@@ -15,56 +16,16 @@ import time
 from typing import Sequence
 
 from . import __version__
+from .errors import EXIT_CODES, Interrupted, UsageError, exit_code_of
+from .io.formats import describe_formats
+from .model_store import REGISTRY as MODEL_REGISTRY
+from .settings import MODES, PRECISIONS, RUNTIMES
 
 __all__ = ["main", "EXIT_CODES"]
-
-#: Exit codes (also printed by ``universalseg --help``).
-EXIT_CODES = {
-    0: "success",
-    1: "unexpected internal error (please report it with the message)",
-    2: "invalid command line: unknown option, unknown class name, unknown output format",
-    3: "input problem: file missing or unreadable, not a CT, bad geometry or voxel values",
-    4: "model problem: model not installed, checkpoint invalid, download failed",
-    5: "output problem: output exists (use --overwrite), folder not writable",
-    6: "device problem: GPU requested but not available, unsupported precision",
-    130: "interrupted (Ctrl-C); nothing was written",
-}
-
 
 def _epilog() -> str:
     lines = ["exit codes:"] + [f"  {code:>3}  {text}" for code, text in EXIT_CODES.items()]
     return "\n".join(lines)
-
-
-class _Failure(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _classify(err: BaseException) -> int:
-    """Map a library exception to the documented exit code."""
-    from .checkpoints import CheckpointError
-    from .device import DeviceError
-    from .io.errors import OutputExistsError, OutputNotWritableError, UniversalSegIOError, DicomSegError
-    from .models import ChecksumMismatch, ModelNotAvailable
-    from .preprocess import InvalidImageError
-    from .taxonomy import UnknownClassError
-    from .text import TextEncoderUnavailable
-
-    if isinstance(err, UnknownClassError):
-        return 2
-    if isinstance(err, (OutputExistsError, OutputNotWritableError, DicomSegError)):
-        return 5
-    if isinstance(err, (UniversalSegIOError, InvalidImageError)):
-        return 3
-    if isinstance(err, (CheckpointError, ModelNotAvailable, ChecksumMismatch, TextEncoderUnavailable)):
-        return 4
-    if isinstance(err, DeviceError):
-        return 6
-    if isinstance(err, FileExistsError):
-        return 5
-    return 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,57 +64,26 @@ class _StageReporter:
             self.bar = None
 
 
-def _class_table(model: str):
-    """The class table of a model without loading its weights (to check class names first)."""
-    from pathlib import Path
-
-    from .checkpoints import read_metadata
-    from .taxonomy import get_taxonomy
-
-    path = Path(model).expanduser()
-    if path.suffix == ".safetensors" and path.is_file():
-        return read_metadata(path).classes
-    return get_taxonomy()  # official checkpoints: the 32 official classes
-
-
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from .api import plan_outputs, write_result
-    from .io import read_volume
-    from .models import resolve_model
-    from .pipeline import Segmenter
+    from .api import segment_file
+    from .io.formats import parse_formats
 
     if args.classes is not None and args.all:
-        raise _Failure(2, "Give either --classes or --all, not both.")
+        raise UsageError("Give either --classes or --all, not both.")
     if args.reference_mode and args.mode not in (None, "reference"):
-        raise _Failure(2, f"--reference-mode contradicts --mode {args.mode}.")
-    try:
-        plan = plan_outputs(args.input, args.output, args.format)
-    except ValueError as err:
-        raise _Failure(2, str(err)) from err
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    plan.check(args.overwrite)  # fail before any slow step
-    wanted = None if args.all else args.classes
-    classes = _class_table(args.model).resolve(wanted) if wanted else None  # None: every class
-
-    volume = read_volume(args.input, series_uid=args.series, force=args.force)
-    say(f"input: {volume.describe()}")
-    for note in volume.notes:
-        say(f"note: {note}")
-    checkpoint = resolve_model(args.model)
-    segmenter = Segmenter(checkpoint, device=args.device, precision=args.precision, threads=args.threads,
-                          mode="reference" if args.reference_mode else (args.mode or "default"))
-    classes = segmenter.resolve(classes)
-    plan.check(args.overwrite, volume.format)
-    say(f"model: {checkpoint} ({segmenter.checkpoint.metadata.model.backbone}) on {segmenter.device}")
-    say(f"classes ({len(classes)}): {', '.join(c.display_name for c in classes)}")
-
+        raise UsageError(f"--reference-mode contradicts --mode {args.mode}.")
+    formats = parse_formats(args.format)  # an unknown name is a UsageError (exit 2)
+    say = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     reporter = _StageReporter(args.quiet)
     try:
-        result = segmenter.segment(volume, classes, progress=reporter)
+        result, written = segment_file(
+            args.input, args.output, None if args.all else args.classes, model=args.model, device=args.device,
+            precision=args.precision, threads=args.threads, formats=formats, series_uid=args.series,
+            force=args.force, overwrite=args.overwrite,
+            mode="reference" if args.reference_mode else (args.mode or "default"), runtime=args.runtime,
+            progress=reporter, log=say)
     finally:
         reporter.close()
-    reporter("write", 0.0)
-    written = write_result(result, plan, overwrite=args.overwrite)
     summary = dict(result.summary(), outputs={k: str(v) for k, v in written.items()})
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -188,8 +118,8 @@ def _cmd_classes(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from . import models
-    from .checkpoints import convert_official_checkpoint, load_checkpoint, read_metadata
+    from . import model_store as models
+    from .checkpoints import convert_official_checkpoint, load_checkpoint
 
     if args.action == "list":
         for spec, path in models.list_models():
@@ -208,7 +138,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
         return 0
     if args.action == "convert":
         if not args.dest:
-            raise _Failure(2, "convert needs a destination: universalseg models convert FILE OUT.safetensors")
+            raise UsageError("convert needs a destination: universalseg models convert FILE OUT.safetensors")
         print(f"wrote: {convert_official_checkpoint(models.resolve_model(args.target), args.dest, overwrite=args.overwrite)}")
         return 0
     # info
@@ -252,21 +182,24 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--classes", help='comma-separated names, e.g. "liver, liver tumor, kidneys" (default: all)')
     seg.add_argument("--all", action="store_true", help="all classes of the model (the default)")
     seg.add_argument("--model", default="swinunetr",
-                     help="installed model name (swinunetr, unet) or a checkpoint file (default: swinunetr)")
+                     help=f"installed model name ({', '.join(MODEL_REGISTRY)}) or a checkpoint file (default: swinunetr)")
     seg.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
-    seg.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"],
+    seg.add_argument("--precision", default="float32", choices=list(PRECISIONS),
                      help="GPU only: bfloat16/float16 autocast (faster; float32 is exact)")
     seg.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
-    seg.add_argument("--format", help="comma-separated outputs: nifti, seg.nrrd, masks, dicom-seg, or all "
-                                      "(default: nifti,seg.nrrd)")
+    seg.add_argument("--format", help=f"comma-separated outputs: {describe_formats()}")
     seg.add_argument("--series", help="DICOM SeriesInstanceUID to use when the folder holds several series")
     seg.add_argument("--force", action="store_true", help="segment even if the input does not look like a CT")
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    seg.add_argument("--mode", choices=["default", "fast", "reference"],
+    seg.add_argument("--mode", choices=list(MODES),
                      help="default: official windows, official bugs fixed, low memory; fast: the fewest windows "
                           "covering the body (about 3x faster on CPU, slightly different labels; see README); "
                           "reference: the official pipeline exactly, bugs included")
     seg.add_argument("--reference-mode", action="store_true", help="same as --mode reference")
+    seg.add_argument("--runtime", choices=list(RUNTIMES),
+                     help="where each window's network runs: auto (OpenVINO on a CPU when installed, about 2x "
+                          "faster, same labels; PyTorch on a GPU and in the reference mode), torch, or openvino "
+                          "(CPU only; pip install 'universalseg[openvino]'). Default: $UNIVERSALSEG_RUNTIME or auto")
     seg.add_argument("--quiet", action="store_true", help="no progress output")
     seg.add_argument("--json", action="store_true", help="print a JSON summary (per class: voxels, ml, mean HU)")
     seg.set_defaults(func=_cmd_segment)
@@ -295,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--overwrite", action="store_true")
     mod.add_argument("--quiet", action="store_true")
     mod.set_defaults(func=_cmd_models)
+
+    from .batch.cli import add_batch_commands
+
+    add_batch_commands(sub, _epilog())
     return parser
 
 
@@ -303,23 +240,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "models" and args.action != "list" and not args.target:
         parser.error(f"models {args.action} needs a model name or file")
+    from .io.atomic import sigterm_as_interrupt
+
     try:
-        return args.func(args)
-    except _Failure as err:
-        print(f"universalseg: error: {err}", file=sys.stderr)
-        return err.code
+        with sigterm_as_interrupt():  # batch systems (SLURM, Kubernetes) stop jobs with SIGTERM: same as Ctrl-C
+            return args.func(args)
     except KeyboardInterrupt:
         print("universalseg: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return Interrupted.exit_code
     except Exception as err:  # every library error is turned into one clear line and an exit code
-        code = _classify(err)
+        code = exit_code_of(err)
         if code == 1:
             if os.environ.get("UNIVERSALSEG_DEBUG"):
                 raise
             print(f"universalseg: internal error: {type(err).__name__}: {err}\n(set UNIVERSALSEG_DEBUG=1 to see "
                   "the traceback, and please report it)", file=sys.stderr)
         else:
-            print(f"universalseg: error: {err}", file=sys.stderr)
+            print(f"universalseg: error: {err.user_message}", file=sys.stderr)
         return code
 
 

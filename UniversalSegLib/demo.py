@@ -3,11 +3,13 @@
 :func:`run_demo` needs no download and no GPU: it draws a procedural abdominal CT
 (:mod:`UniversalSegLib.phantom`), segments it with the demo checkpoint shipped in the package
 (``data/demo/demo_model.safetensors``, a tiny U-Net trained on phantoms with ``universalseg-training``),
-writes the results the real pipeline writes, and reports per-class Dice against the phantom's exact truth.
+writes the results through the same output plan and writers as ``universalseg segment``, and reports
+per-class Dice against the phantom's exact truth.
 
-Outputs in ``output_dir``: ``phantom_ct.nii.gz`` (the CT), ``segmentation.seg.nrrd`` (3D Slicer
-segmentation with names, colours, terminology), ``labels.nii.gz`` (+ ``.labels.json``/``.labels.csv``),
-``truth_labels.nii.gz``, ``overlay.png`` (axial, coronal and sagittal views) and ``dice.json``.
+Outputs in ``output_dir``: ``phantom_ct.nii.gz`` (the CT), ``phantom.seg.nrrd`` (3D Slicer segmentation
+with names, colours, terminology), ``phantom_labels.nii.gz`` (+ ``.labels.json``/``.labels.csv``),
+``phantom_summary.json`` (per-class volumes), ``truth_labels.nii.gz``, ``overlay.png`` (axial, coronal and
+sagittal views) and ``dice.json``.
 
 The demo model knows phantoms only: it is no substitute for the released weights on real CT
 (``universalseg segment`` with the official checkpoint).
@@ -52,13 +54,6 @@ def demo_checkpoint_path() -> Path:
         raise FileNotFoundError(f"the demo model {path} is missing from this installation of UniversalSeg; "
                                 "reinstall the package (the file ships inside it).")
     return path
-
-
-def _dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    denominator = int(prediction.sum()) + int(truth.sum())
-    if denominator == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(prediction, truth).sum()) / denominator
 
 
 def format_dice_table(result: DemoResult) -> str:
@@ -146,22 +141,28 @@ def run_demo(output_dir: str | Path, seed: int | None = None, checkpoint: str | 
         overwrite: replace existing output files.
         log: where progress lines go (``None``: silent).
     """
+    from .api import OutputPlan, write_result
     from .checkpoints import load_checkpoint
+    from .helpers import dice_score, voxel_volume_ml
     from .io.atomic import atomic_output, prepare_output_path
-    from .io.writers import nifti_image, write_label_map, write_seg_nrrd
+    from .io.formats import OUTPUT_FORMATS
+    from .io.writers import nifti_image
     from .phantom import generate_phantom
     from .pipeline import Segmenter
 
     say = log or (lambda message: None)
     output_dir = Path(output_dir).expanduser()
     output_dir.mkdir(parents=True, exist_ok=True)
+    plan = OutputPlan(output_dir, "phantom", ("nifti", "seg.nrrd"))
+    planned = plan.paths()
     files = {
-        "ct": output_dir / "phantom_ct.nii.gz", "seg_nrrd": output_dir / "segmentation.seg.nrrd",
-        "labels": output_dir / "labels.nii.gz", "truth": output_dir / "truth_labels.nii.gz",
+        "ct": output_dir / "phantom_ct.nii.gz", "seg_nrrd": planned["seg.nrrd"], "labels": planned["nifti"],
+        "summary": planned["summary"], "truth": output_dir / "truth_labels.nii.gz",
         "overlay": output_dir / "overlay.png", "dice": output_dir / "dice.json",
     }
-    for path in files.values():  # fail before any work if an output exists
-        prepare_output_path(path, overwrite)
+    plan.check(overwrite)  # fail before any work if an output exists
+    for key in ("ct", "truth", "overlay", "dice"):
+        prepare_output_path(files[key], overwrite)
     seconds: dict[str, float] = {}
     if seed is None:
         seed = int(np.random.default_rng().integers(0, 2**31 - 1))
@@ -189,10 +190,9 @@ def run_demo(output_dir: str | Path, seed: int | None = None, checkpoint: str | 
     volume = phantom.volume
     with atomic_output(files["ct"], overwrite) as temporary:
         nib.save(nifti_image(phantom.image, phantom.affine, is_label=False), str(temporary))
-    write_seg_nrrd(files["seg_nrrd"], volume, result.masks, taxonomy, overwrite=overwrite)
-    write_label_map(files["labels"], volume, result.masks, taxonomy, overwrite=overwrite)
+    write_result(result, plan, overwrite=overwrite)
     truth = {c.index: phantom.masks[c.index] for c in result.classes if c.index in phantom.masks}
-    write_label_map(files["truth"], volume, truth, taxonomy, overwrite=overwrite)
+    OUTPUT_FORMATS["nifti"].write(files["truth"], volume, truth, taxonomy, overwrite=overwrite)
     labels = np.asarray(nib.load(str(files["labels"])).dataobj)
     truth_labels = np.asarray(nib.load(str(files["truth"])).dataobj)
     try:
@@ -205,7 +205,7 @@ def run_demo(output_dir: str | Path, seed: int | None = None, checkpoint: str | 
             write_overlay_png(temporary, phantom.image, phantom.affine, labels, {c.index: c.color for c in taxonomy},
                               title=f"UniversalSeg demo: phantom seed {seed}", truth=truth_labels)
 
-    voxel_ml = abs(float(np.linalg.det(phantom.affine[:3, :3]))) / 1000.0
+    voxel_ml = voxel_volume_ml(phantom.affine)
     dice, volumes = {}, {}
     for info in result.classes:
         if info.index not in phantom.masks:
@@ -213,7 +213,7 @@ def run_demo(output_dir: str | Path, seed: int | None = None, checkpoint: str | 
         predicted, expected = result.masks[info.index], phantom.masks[info.index]
         if not expected.any() and not predicted.any():
             continue  # e.g. a lesion this phantom does not have, and none predicted: nothing to score
-        dice[info.display_name] = _dice(predicted, expected)
+        dice[info.display_name] = dice_score(predicted, expected)
         volumes[info.display_name] = (expected.sum() * voxel_ml, predicted.sum() * voxel_ml)
     seconds["write"] = time.perf_counter() - start
     demo = DemoResult(output_dir, files, dice, volumes, seconds, int(seed), phantom.parameters)

@@ -5,14 +5,11 @@ import contextlib
 import os
 
 import torch
+from .errors import DeviceError
+from .settings import PRECISIONS
 
-__all__ = ["PRECISIONS", "DeviceError", "resolve_device", "autocast", "set_threads"]
+__all__ = ["PRECISIONS", "DeviceError", "resolve_device", "autocast", "resolve_threads", "torch_threads"]
 
-PRECISIONS = ("float32", "bfloat16", "float16")
-
-
-class DeviceError(RuntimeError):
-    """The requested device or precision cannot be used on this machine."""
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -53,12 +50,27 @@ def autocast(device: torch.device, precision: str = "float32"):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-def set_threads(threads: int | None) -> int:
-    """Set PyTorch's CPU thread count (None keeps the default, honouring ``OMP_NUM_THREADS``)."""
+def resolve_threads(threads: int | None) -> int:
+    """The CPU thread count a run uses: ``threads``, or with None every core (``OMP_NUM_THREADS`` when set,
+    which PyTorch has already applied)."""
     if threads is not None:
         if threads < 1:
             raise DeviceError(f"Thread count must be at least 1, got {threads}.")
-        torch.set_num_threads(int(threads))
-    elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-    return torch.get_num_threads()
+        return int(threads)
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Run the enclosed code with PyTorch's process-wide CPU thread count set to ``threads``, and restore
+    the previous count afterwards (other code in the process, e.g. Slicer's, keeps its own setting)."""
+    previous = torch.get_num_threads()
+    if threads != previous:
+        torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)

@@ -15,11 +15,13 @@ placed under the volume's parent transform, so a transformed volume and its segm
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .io.volume import Volume
+from .errors import MRMLBridgeError
+from .helpers import bounding_box
 
 if TYPE_CHECKING:  # pragma: no cover - type names only
     from .taxonomy import ClassInfo
@@ -30,14 +32,13 @@ __all__ = [
     "TAG_CLASS_INDEX",
     "TAG_CLASS_KEY",
     "affine_of_volume_node",
+    "parent_transform_to_world",
     "volume_from_node",
     "volume_node_from_volume",
     "oriented_image_from_mask",
-    "segment_from_mask",
     "set_segment_class",
     "segment_class_index",
     "mask_from_segment",
-    "masks_from_segmentation",
     "prepare_segmentation_node",
     "headless_scene",
 ]
@@ -45,10 +46,6 @@ __all__ = [
 #: Segment tags written by UniversalSeg (saved in .seg.nrrd files with the segment).
 TAG_CLASS_INDEX = "UniversalSeg.ClassIndex"
 TAG_CLASS_KEY = "UniversalSeg.ClassKey"
-
-
-class MRMLBridgeError(ValueError):
-    """A node cannot be converted (no image, several components, non-linear transform, ...)."""
 
 
 # ------------------------------------------------------------------------------------------------- volumes
@@ -66,7 +63,7 @@ def _array_to_matrix(array: np.ndarray):
     return matrix
 
 
-def _parent_transform_to_world(node) -> np.ndarray:
+def parent_transform_to_world(node) -> np.ndarray:
     """4x4 matrix of the node's parent transforms (identity without one); refuses non-linear transforms."""
     import vtk
 
@@ -89,7 +86,7 @@ def affine_of_volume_node(volume_node, world: bool = True) -> np.ndarray:
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
     affine = _matrix_to_array(matrix)
-    return _parent_transform_to_world(volume_node) @ affine if world else affine
+    return parent_transform_to_world(volume_node) @ affine if world else affine
 
 
 def volume_from_node(volume_node, world: bool = True) -> Volume:
@@ -133,19 +130,6 @@ def volume_node_from_volume(scene, volume: Volume, name: str = "Volume"):
 
 
 # ------------------------------------------------------------------------------------------------ segments
-def _bounding_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(first, last) voxel index per axis of the True voxels, or None for an empty mask."""
-    axes = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        if hits.size == 0:
-            return None
-        axes.append((hits[0], hits[-1]))
-    first, last = zip(*axes)
-    return np.array(first), np.array(last)
-
-
 def oriented_image_from_mask(mask: np.ndarray, ijk_to_ras: np.ndarray, crop: bool = True):
     """``vtkOrientedImageData`` (uint8 0/1) of an IJK mask on the grid given by ``ijk_to_ras``.
 
@@ -162,12 +146,12 @@ def oriented_image_from_mask(mask: np.ndarray, ijk_to_ras: np.ndarray, crop: boo
     image = slicer.vtkOrientedImageData()
     image.SetImageToWorldMatrix(_array_to_matrix(np.asarray(ijk_to_ras, dtype=np.float64)))
     if crop:
-        box = _bounding_box(mask)
+        box = bounding_box(mask)
         if box is None:
             image.SetExtent(0, -1, 0, -1, 0, -1)
             image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
             return image
-        first, last = box
+        first, last = np.array([b.start for b in box]), np.array([b.stop - 1 for b in box])
     else:
         first, last = np.zeros(3, dtype=int), np.array(mask.shape) - 1
     image.SetExtent(int(first[0]), int(last[0]), int(first[1]), int(last[1]), int(first[2]), int(last[2]))
@@ -205,18 +189,6 @@ def segment_class_index(segment) -> int | None:
         return int(str(value))
     except ValueError:
         return None
-
-
-def segment_from_mask(mask: np.ndarray, ijk_to_ras: np.ndarray, info: "ClassInfo"):
-    """A new ``vtkSegment`` (not yet in any segmentation) holding ``mask`` as its binary labelmap."""
-    import slicer
-
-    segment = slicer.vtkSegment()
-    set_segment_class(segment, info)
-    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(),
-                              oriented_image_from_mask(mask, ijk_to_ras))
-    segment.SetLabelValue(1)  # the voxel value of the mask in its layer (not metadata): our masks hold 1
-    return segment
 
 
 def prepare_segmentation_node(segmentation_node, volume_node) -> None:
@@ -267,13 +239,6 @@ def mask_from_segment(segmentation_node, segment_id: str, volume_node) -> np.nda
     values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars())
     kji = values.reshape(dims[2], dims[1], dims[0])
     return np.ascontiguousarray((kji == segment.GetLabelValue()).transpose(2, 1, 0))
-
-
-def masks_from_segmentation(segmentation_node, volume_node, segment_ids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-    """``{segment id: IJK bool mask on the volume grid}`` for the given (default: all) segments."""
-    segmentation = segmentation_node.GetSegmentation()
-    ids = list(segmentation.GetSegmentIDs()) if segment_ids is None else list(segment_ids)
-    return {segment_id: mask_from_segment(segmentation_node, segment_id, volume_node) for segment_id in ids}
 
 
 # ------------------------------------------------------------------------------------------ headless scene

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .taxonomy import Taxonomy, get_taxonomy
+from .taxonomy import KIND_PRIORITY, Taxonomy, get_taxonomy
 
 __all__ = [
     "PHANTOM_DATASETS",
@@ -40,8 +40,10 @@ __all__ = [
 
 _AXIS_CODES = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
 
-# Which taxonomy classes a lesion kind lives in (lesion index -> organ indices it may be placed in).
-_LESION_HOSTS = {26: (2, 3), 32: (2, 3), 27: (6,), 28: (11,), 29: (6,), 30: (16, 17), 31: (18,)}
+# The order in which lesions are drawn (kidney lesions first: they may bulge out of the kidney). Where each
+# may lie is the taxonomy's: its parent organs.
+_LESION_DRAW_ORDER = (26, 32, 27, 28, 29, 30, 31)
+_LIVER, _HEPATIC_VESSEL = 6, 15
 
 
 @dataclass
@@ -444,13 +446,15 @@ def generate_phantom(
     lesion_hu = {27: liver_hu - rng.uniform(35, 60), 26: kidney_hu - rng.uniform(50, 90), 32: hu(6, 4),
                  28: hu(25), 29: liver_hu - rng.uniform(30, 50), 30: hu(35), 31: hu(55)}
     lesions: dict[int, int] = {}
-    for lesion, hosts in _LESION_HOSTS.items():
+    taxonomy = get_taxonomy()
+    for lesion in _LESION_DRAW_ORDER:
+        hosts = taxonomy[lesion].parent_organs
         if rng.random() >= lesion_probability:
             continue
         count = 1 if lesion in (28, 30, 31, 29) else int(rng.integers(1, 4))
         for _ in range(count):
             host = int(rng.choice(hosts))
-            allowed = masks[15] if lesion == 29 else masks[host]
+            allowed = masks[host]
             candidates = np.flatnonzero(allowed)
             if candidates.size < 20:
                 continue
@@ -460,7 +464,8 @@ def generate_phantom(
             box, blob = shapes.ellipsoid(center, radius * rng.uniform(0.8, 1.2, size=3), wobble=0.1)
             if box is None:
                 continue
-            organ = masks[host] if lesion != 29 else masks[6]
+            # A hepatic-vessel tumour sits on a vessel inside the liver and grows into the liver around it.
+            organ = masks[_LIVER] if host == _HEPATIC_VESSEL else masks[host]
             # Kidney lesions may bulge out of the kidney (exophytic); others stay inside their organ.
             region = ndimage.binary_dilation(organ, iterations=2) if lesion in (26, 32) else organ
             inside_organ = blob & region[box] & inside[box]
@@ -468,10 +473,9 @@ def generate_phantom(
                 continue
             masks[lesion][box] |= inside_organ
             canvas.hu[box][inside_organ] = lesion_hu[lesion]
-            target = 6 if lesion == 29 else host
-            masks[target][box] |= inside_organ
-            if lesion == 29:
-                masks[15][box] |= inside_organ  # parent organ of the hepatic-vessel tumour (taxonomy)
+            masks[host][box] |= inside_organ
+            if host == _HEPATIC_VESSEL:
+                masks[_LIVER][box] |= inside_organ  # the liver includes the vessels running through it
             lesions[lesion] = lesions.get(lesion, 0) + 1
     # A lesion bulging into a neighbour is not that neighbour any more.
     for lesion in (26, 32):
@@ -520,18 +524,17 @@ PHANTOM_DATASETS: dict[str, dict[str, Any]] = {
 }
 
 _UNLABELLED_STRUCTURES = ("bone", "heart")
-_KIND_ORDER = {"organ": 0, "vessel": 1, "tumor": 2, "cyst": 2}
 
 
 def _target_masks(phantom: Phantom, name: str, taxonomy: Taxonomy) -> tuple[np.ndarray, int]:
     """(mask, paint priority) of what a raw label marks."""
     if name in _UNLABELLED_STRUCTURES:
-        return phantom.extra[name], 0
+        return phantom.extra[name], KIND_PRIORITY["organ"]
     classes = taxonomy.resolve(name)
     mask = np.zeros(phantom.shape, dtype=bool)
     for info in classes:
         mask |= phantom.masks[info.index]
-    return mask, max(_KIND_ORDER[info.kind] for info in classes)
+    return mask, max(KIND_PRIORITY[info.kind] for info in classes)
 
 
 def phantom_raw_labels(phantom: Phantom, dataset: str | Mapping[str, Any]) -> np.ndarray:

@@ -4,29 +4,15 @@
 and a list of class names into a :class:`SegmentationResult`: one boolean mask per requested class on the
 input's own voxel grid, plus per-class statistics and stage timings.
 
-Three modes (:data:`MODES`), chosen with ``mode=`` (``reference=True`` is kept as a synonym of
-``mode="reference"``):
-
-* ``"reference"``: what the official ``pred_pseudo.py`` computes: MONAI's window placement at the
-  checkpoint's overlap (0.5 for the official models), every needed class blended at full resolution in
-  float32, float64 resampling, official post-processing (quirks included). For comparisons and fidelity.
-* ``"default"``: the reference's windows, network, weights, Gaussian and threshold, with the official
-  bugs fixed (post-processing ``mode="fixed"``) and the cost cut where labels do not move: windows are
-  blended straight into masks slab by slab in float16 (no full-volume float maps), float32 resampling,
-  fused window attention and channels-last convolutions on the CPU, masks brought back to the input grid
-  class by class. Labels equal the reference's except where the fixed post-processing differs and for the
-  rare voxels whose blended logit lies within float16 rounding of the threshold.
-* ``"fast"``: ``default`` with the fewest windows that cover the body (overlap 0, spread evenly, so they
-  still overlap where the image is not a multiple of the window): 27 instead of 80 windows on the shared
-  example CT. For CPU users; its cost in Dice against the reference mode is measured by
-  ``benchmarks/benchmark_modes.py`` and listed in the README.
-
-All modes blend with the official MONAI 0.9 Gaussian (the checkpoint's default); ``gaussian="current"``
-selects current MONAI's map, which moves logits by up to ~0.1 in window overlaps (SPEC s.4).
+The modes (:data:`~UniversalSegLib.settings.MODES`: ``"default"``, ``"fast"``, ``"reference"``) are
+described in :class:`~UniversalSegLib.settings.InferenceMode`; ``reference=True`` is a synonym of
+``mode="reference"``. All modes blend with the official MONAI 0.9 Gaussian (the checkpoint's default);
+``gaussian="current"`` selects current MONAI's map, which moves logits by up to ~0.1 in window overlaps.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -35,46 +21,28 @@ import numpy as np
 import torch
 
 from .checkpoints import Checkpoint, load_checkpoint
-from .device import autocast, resolve_device, set_threads
-from .inference import InferenceCancelled, count_windows, gaussian_weight_map, sliding_window_logits, threshold
+from .device import autocast, resolve_device, resolve_threads, torch_threads
+from .errors import RuntimeUnavailableError, UsageError
+from .helpers import voxel_volume_ml
+from .inference import (InferenceCancelled, count_windows, gaussian_weight_map, sliding_window_logits,
+                        sliding_window_masks, threshold)
 from .io.masks import LazyMasks, memory_order, same_order_views
 from .io.volume import Volume
 from .postprocess import MissingInputError, postprocess_masks, required_classes
 from .preprocess import PreprocessedVolume, preprocess
-from .streaming import sliding_window_masks
+from .runtime import (OpenVINOWindowNetwork, model_digest, prepare_openvino, requested_runtime, resolve_runtime,
+                      trim_heap)
+from .settings import CONVERT_STAGE, MODES, STAGES, InferenceMode
 from .taxonomy import ClassInfo
 
 __all__ = ["ClassStatistics", "InferenceMode", "MODES", "SegmentationResult", "Segmenter", "ProgressCallback",
            "STAGES", "masks_on_input_grid"]
-
-#: Stages reported to progress callbacks, in order.
-STAGES = ("preprocess", "inference", "postprocess", "invert")
 
 #: Measure of the result masks: sum of the input HU under a mask (statistics give its mean).
 HU_SUM = "hu_sum"
 
 #: ``callback(stage, fraction)``: fraction in 0..1 of the current stage.
 ProgressCallback = Callable[[str, float], None]
-
-
-@dataclass(frozen=True)
-class InferenceMode:
-    """How a :class:`Segmenter` trades exactness against time and memory (see the module docs)."""
-
-    name: str
-    overlap: float | None  # None: the checkpoint's (official: 0.5)
-    placement: str  # "monai" or "even" (UniversalSegLib.streaming.window_layout)
-    streaming: bool  # blend straight into masks (False: full-volume float logits, as the official code)
-    accumulate_dtype: torch.dtype  # per-class slab sums when streaming
-    resample_dtype: type  # preprocessing arithmetic
-    postprocess: str  # "official" or "fixed"
-
-
-MODES: dict[str, InferenceMode] = {
-    "reference": InferenceMode("reference", None, "monai", False, torch.float32, np.float64, "official"),
-    "default": InferenceMode("default", None, "monai", True, torch.float16, np.float32, "fixed"),
-    "fast": InferenceMode("fast", 0.0, "even", True, torch.float16, np.float32, "fixed"),
-}
 
 
 @dataclass(frozen=True)
@@ -125,7 +93,7 @@ class SegmentationResult:
     probabilities: dict[int, np.ndarray] | None = None
 
     def statistics(self) -> list[ClassStatistics]:
-        voxel_ml = float(abs(np.linalg.det(self.volume.affine[:3, :3]))) / 1000.0
+        voxel_ml = voxel_volume_ml(self.volume.affine)
         # Masks made by the pipeline were measured when they were made (no second pass on a fine CT).
         measured = isinstance(self.masks, LazyMasks) and HU_SUM in self.masks.measures
         out = []
@@ -154,42 +122,70 @@ class Segmenter:
         checkpoint: a :class:`Checkpoint` or the path of any supported checkpoint file.
         device: ``"auto"`` (GPU when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         precision: ``"float32"`` (default, exact), or ``"bfloat16"``/``"float16"`` autocast on a GPU.
-        threads: CPU threads for PyTorch (None: PyTorch's default).
+        threads: CPU threads for PyTorch during each run (None: every core, or ``OMP_NUM_THREADS``); the
+            process-wide setting is restored after the run.
         reference: synonym of ``mode="reference"``.
         mode: ``"default"``, ``"fast"`` or ``"reference"`` (see module docs and :data:`MODES`).
+        runtime: where each window's forward runs: ``"auto"``, ``"torch"`` or ``"openvino"``
+            (:data:`~UniversalSegLib.settings.RUNTIMES`, :func:`~UniversalSegLib.runtime.resolve_runtime`);
+            None: ``$UNIVERSALSEG_RUNTIME`` or ``"auto"`` (OpenVINO on a CPU when installed).
         gaussian, overlap, sw_batch_size: override the checkpoint's or the mode's inference parameters.
     """
 
     def __init__(self, checkpoint: Checkpoint | str, device: str = "auto", precision: str = "float32",
                  threads: int | None = None, reference: bool = False, gaussian: str | None = None,
-                 overlap: float | None = None, sw_batch_size: int = 1, mode: str | None = None) -> None:
+                 overlap: float | None = None, sw_batch_size: int = 1, mode: str | None = None,
+                 runtime: str | None = None) -> None:
         if reference and mode not in (None, "reference"):
-            raise ValueError(f"reference=True contradicts mode={mode!r}")
+            raise UsageError(f"reference=True contradicts mode={mode!r}.")
         mode = "reference" if reference else (mode or "default")
         if mode not in MODES:
-            raise ValueError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
+            raise UsageError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
         self.mode = MODES[mode]
         self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         self.device = resolve_device(device)
         self.precision = precision
         autocast(self.device, precision)  # validates the precision for this device now, not mid-run
-        set_threads(threads)
-        self.reference = mode == "reference"
+        self.threads = resolve_threads(threads)  # applied during each run only (see torch_threads)
+        self.runtime = resolve_runtime(runtime, self.device, mode)
+        self._runtime_chosen = requested_runtime(runtime) == "openvino"  # not "auto": no silent fallback
+        self._openvino: OpenVINOWindowNetwork | None = None  # the last class set's network (one held at a time)
+        self._openvino_key: tuple | None = None
+        self._weights_digest: str | None = None
         params = self.checkpoint.metadata.inference
         self.gaussian = gaussian or params.gaussian
-        mode_overlap = params.overlap if self.mode.overlap is None else min(self.mode.overlap, params.overlap)
+        mode_overlap = self.mode.effective_overlap(params.overlap)
         self.overlap = mode_overlap if overlap is None else overlap
         if self.mode.streaming and sw_batch_size != 1:
             raise ValueError(f"mode {mode!r} evaluates one window at a time (sw_batch_size=1)")
         self.sw_batch_size = sw_batch_size
-        self.model = self.checkpoint.build_model(self.device)
+        self._model = self._build_model(self.checkpoint)
+        # Where the weights can be read again after an OpenVINO run released the PyTorch model (None: an
+        # in-memory checkpoint, whose model is kept).
+        self._model_path = self.checkpoint.path
         # Keep the metadata only: the weights now live in the model, and a second copy would cost the
         # model's size in memory (250 MB for Swin UNETR) for the whole session.
         self.checkpoint = dataclasses.replace(self.checkpoint, state_dict={})
+
+    def _build_model(self, checkpoint: Checkpoint) -> torch.nn.Module:
+        model = checkpoint.build_model(self.device)
         if self.device.type == "cpu":
-            # oneDNN's 3-D convolutions are ~10 % faster on channels-last tensors (same results up to
+            # oneDNN's 3-D convolutions are faster on channels-last tensors (same results up to
             # float rounding); the model converts each window on entry.
-            self.model = self.model.to(memory_format=torch.channels_last_3d)
+            model = model.to(memory_format=torch.channels_last_3d)
+        return model
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The PyTorch model; read again from the checkpoint file if an OpenVINO run released it."""
+        if self._model is None:
+            self._model = self._build_model(load_checkpoint(self._model_path))
+            self._weights_digest = None  # hash what was read now: the OpenVINO cache key must match it
+        return self._model
+
+    @model.setter
+    def model(self, model: torch.nn.Module) -> None:
+        self._model, self._weights_digest = model, None
 
     @property
     def taxonomy(self):
@@ -209,12 +205,55 @@ class Segmenter:
         """Segment ``classes`` (names, ClassInfo, or None for all) in ``volume``.
 
         ``cancel()`` is polled between windows and stages; when it returns True the run stops with
-        :class:`~UniversalSegLib.inference.InferenceCancelled` and nothing is returned.
+        :class:`~UniversalSegLib.errors.InferenceCancelled` and nothing is returned. PyTorch's thread
+        count is this segmenter's during the run and restored afterwards.
         """
+        with torch_threads(self.threads):
+            return self._segment(volume, classes, progress, cancel, show_progress, keep_probabilities)
+
+    def _openvino_network(self, channels: Sequence[int], roi_size: Sequence[int], report: ProgressCallback,
+                          timings: dict[str, float]) -> OpenVINOWindowNetwork | None:
+        """The OpenVINO network for these class channels (converted on first use, then cached), timed and
+        reported as its own stage. If the conversion fails, an automatic choice falls back to PyTorch for
+        good (None; logged), an explicit one raises :class:`RuntimeUnavailableError`."""
+        key = (tuple(channels), tuple(roi_size))
+        if self._openvino is None or self._openvino_key != key:
+            t0 = time.perf_counter()
+            report(CONVERT_STAGE, 0.0)
+            self._openvino = None  # free the previous class set's network before building the next
+            model = self.model  # read again from the file if the last conversion released it
+            if self._weights_digest is None:
+                self._weights_digest = model_digest(model)
+            try:
+                self._openvino = prepare_openvino(model, channels, roi_size, self.threads,
+                                                  digest=self._weights_digest)
+            except RuntimeUnavailableError:
+                raise
+            except Exception as err:  # noqa: BLE001 - any conversion failure: the PyTorch forward still works
+                if self._runtime_chosen:
+                    raise RuntimeUnavailableError(f"OpenVINO could not prepare this model ({err}); choose the "
+                                                  "torch runtime.") from err
+                logging.getLogger(__name__).warning("OpenVINO could not prepare this model (%s); using PyTorch.", err)
+                self.runtime = "torch"
+                return None
+            self._openvino_key = key
+            del model
+            if self._model_path is not None:
+                # With the compiled network ready, the PyTorch model (0.25 GB of weights for Swin UNETR,
+                # plus what its load left in the heap) is not needed; a class set not converted yet, or
+                # the torch runtime, reads it from the checkpoint file again.
+                self._model = None
+                trim_heap()
+            timings[CONVERT_STAGE] = time.perf_counter() - t0
+            report(CONVERT_STAGE, 1.0)
+        return self._openvino
+
+    def _segment(self, volume: Volume, classes, progress: ProgressCallback | None, cancel: Callable[[], bool] | None,
+                 show_progress: bool, keep_probabilities: bool) -> SegmentationResult:
         requested = self.resolve(classes)
         mode = self.mode.postprocess
         available = set(self.taxonomy.indices)
-        needed = [i for i in required_classes([c.index for c in requested], mode) if i in available]
+        needed = [i for i in required_classes([c.index for c in requested], mode, self.taxonomy) if i in available]
         meta = self.checkpoint.metadata
         channels = [meta.channel_of(self.taxonomy[i]) for i in needed]
         report = progress or (lambda stage, fraction: None)
@@ -227,10 +266,15 @@ class Segmenter:
         t0 = time.perf_counter()
         report("preprocess", 0.0)
         prep = preprocess(volume.array, volume.affine, **meta.preprocessing.as_kwargs(),
-                          resample_dtype=self.mode.resample_dtype)
+                          resample_dtype=np.dtype(self.mode.resample_dtype).type)
         timings["preprocess"] = time.perf_counter() - t0
         report("preprocess", 1.0)
         check_cancel()
+
+        openvino_network = None
+        if self.runtime == "openvino":  # None when the conversion failed and PyTorch takes over
+            openvino_network = self._openvino_network(channels, meta.inference.roi_size, report, timings)
+            check_cancel()
 
         t0 = time.perf_counter()
         report("inference", 0.0)  # the stage starts before the first window, not when it ends
@@ -246,6 +290,11 @@ class Segmenter:
                 return self.model(window, channels=index).float()
 
         params = meta.inference
+        if openvino_network is not None:
+            # Only the window forward changes. The streaming blend weights each window's logits at once,
+            # so it can work in the request's output buffer (no copy); the full-volume path keeps copies.
+            def predictor(window: torch.Tensor) -> torch.Tensor:  # noqa: F811
+                return openvino_network(window, borrow_output=self.mode.streaming)
         requested_set = {c.index for c in requested}
         on_window = lambda done, total: report("inference", done / total)  # noqa: E731
         probabilities = None
@@ -253,7 +302,7 @@ class Segmenter:
             weight = gaussian_weight_map(params.roi_size, params.sigma_scale, flavour=self.gaussian)
             blended = sliding_window_masks(
                 image, predictor, weight, [params.threshold], roi_size=params.roi_size, overlap=self.overlap,
-                placement=self.mode.placement, sw_device=self.device, accumulate_dtype=self.mode.accumulate_dtype,
+                placement=self.mode.placement, sw_device=self.device, accumulate_dtype=getattr(torch, self.mode.accumulate_dtype),
                 keep_probabilities=keep_probabilities, cancel=cancel, on_window=on_window,
                 progress=show_progress)
             windows = blended.windows
@@ -273,19 +322,24 @@ class Segmenter:
                                  for k, i in enumerate(needed) if i in requested_set}
             del logits
         timings["inference"] = time.perf_counter() - t0
+        if openvino_network is not None:
+            # Free the infer request's tensors and the windows' heap blocks before the post-processing,
+            # whose masks come on top of whatever is still held.
+            openvino_network.release_request()
+            trim_heap()
         check_cancel()
 
         t0 = time.perf_counter()
         report("postprocess", 0.0)
         try:
-            cleaned = postprocess_masks(raw, [c.index for c in requested], mode=mode)
+            cleaned = postprocess_masks(raw, [c.index for c in requested], mode=mode, taxonomy=self.taxonomy)
         except MissingInputError:
             # The checkpoint lacks a class a rule reads (e.g. a model without a pancreas channel):
             # such classes keep their thresholded prediction instead of failing the whole run.
             cleaned = {}
             for c in requested:
                 try:
-                    cleaned.update(postprocess_masks(raw, [c.index], mode=mode))
+                    cleaned.update(postprocess_masks(raw, [c.index], mode=mode, taxonomy=self.taxonomy))
                 except MissingInputError:
                     cleaned[c.index] = raw[c.index]
         timings["postprocess"] = time.perf_counter() - t0

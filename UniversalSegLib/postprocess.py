@@ -2,7 +2,9 @@
 
 The input is one boolean mask per predicted class, all on the PREPROCESSED grid (RAS-oriented, 1.5 mm,
 cropped to the body): array axis 0 increases towards the patient's right, axis 2 towards superior.
-Each class has one rule (the table :data:`CLASS_RULES`):
+Each class has one rule, given as data in its class table (``postprocess`` of each class in
+``data/taxonomy.json``: the rule, the classes it reads by key and, for lesions, how many organ components
+to keep; :data:`CLASS_RULES` lists the official classes' rules by index). For the official classes:
 
 =================================  ========================================================================
 classes                            rule
@@ -21,8 +23,8 @@ classes                            rule
 
 Two modes:
 
-``mode="official"`` reproduces the official ``organ_post_process`` (utils/utils.py of the reference
-implementation, SPEC s.5) exactly, quirks included (checked voxel for voxel against the official output in
+``mode="official"`` reproduces the official ``organ_post_process`` (``utils/utils.py`` of the official
+CLIP-Driven Universal Model code) exactly, quirks included (checked voxel for voxel against the official output in
 the fidelity fixture). Its quirks:
 
 * ties between equally large components go to the component met first in C-order raster scan (the
@@ -79,6 +81,9 @@ from typing import Iterable, Literal, Mapping
 import cc3d
 import numpy as np
 from scipy import ndimage
+from .errors import MissingInputError, PostprocessError
+from .helpers import bounding_box
+from .taxonomy import ClassInfo, Taxonomy, get_taxonomy
 
 __all__ = [
     "CLASS_RULES",
@@ -100,14 +105,6 @@ _MODES = ("fixed", "official")
 # Cube edge of the closing and of the dilation in the tumour filter (official: 5x5x5 structure).
 _TUMOUR_FILTER_CUBE = 5
 _TUMOUR_FILTER_RADIUS = _TUMOUR_FILTER_CUBE // 2
-
-
-class PostprocessError(ValueError):
-    """The masks handed to post-processing cannot be processed as given."""
-
-
-class MissingInputError(PostprocessError):
-    """A rule needs the raw prediction of a class that was not passed in."""
 
 
 class OfficialBehaviourWarning(UserWarning):
@@ -143,54 +140,69 @@ class ClassRule:
     what: str = ""
 
 
-_LARGEST = ClassRule(Rule.LARGEST_COMPONENT)
 _KEEP = ClassRule(Rule.KEEP)
-_LUNGS = ClassRule(Rule.LUNG_PAIR, reads=(16, 17), what="lungs")
 
-#: The rule of every known class index (1-based). Indices not listed are kept unchanged.
+
+def _rule_from(info: ClassInfo, taxonomy: Taxonomy) -> ClassRule:
+    """The :class:`ClassRule` of a class whose post-processing is given in its class table."""
+    spec = info.postprocess
+    official = get_taxonomy()
+
+    def index_of(key: str) -> int:
+        try:
+            return taxonomy.by_key(key).index
+        except KeyError:  # a class the checkpoint lacks: its prediction will be missing (MissingInputError)
+            return official.by_key(key).index
+
+    return ClassRule(Rule[spec.rule.upper()], tuple(index_of(key) for key in spec.reads), spec.components,
+                     info.display_name)
+
+
+#: The rule of every class of the official class table (from ``data/taxonomy.json``), by index.
 CLASS_RULES: Mapping[int, ClassRule] = MappingProxyType(
-    {
-        **{index: _LARGEST for index in (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14)},
-        **{index: _LARGEST for index in range(18, 26)},
-        10: ClassRule(Rule.VEIN_ABOVE_PANCREAS, reads=(11,), what="portal/splenic vein"),
-        15: _KEEP,
-        16: _LUNGS,
-        17: _LUNGS,
-        26: ClassRule(Rule.INSIDE_ORGAN, reads=(2, 3), organ_components=2, what="kidney tumour"),
-        27: ClassRule(Rule.INSIDE_ORGAN, reads=(6,), organ_components=1, what="liver tumour"),
-        **{index: _KEEP for index in range(28, 33)},
-    }
-)
-
-_PANCREAS, _RIGHT_LUNG, _LEFT_LUNG, _VEIN = 11, 16, 17, 10
+    {info.index: _rule_from(info, get_taxonomy()) for info in get_taxonomy() if info.postprocess is not None})
 
 
-def _rule_of(index: int) -> ClassRule:
+def _rule_of(index: int, taxonomy: Taxonomy | None = None) -> ClassRule:
+    """The rule of class ``index``: the one in ``taxonomy`` (a checkpoint's class table) when it gives one;
+    for a class table written before rules were data, the official class of the same index and key; else
+    the mask is kept."""
+    if taxonomy is not None and index in taxonomy.indices:
+        info = taxonomy[index]
+        if info.postprocess is not None:
+            return _rule_from(info, taxonomy)
+        official = get_taxonomy()
+        if index in official.indices and official[index].key == info.key:
+            return CLASS_RULES.get(index, _KEEP)
+        return _KEEP
     return CLASS_RULES.get(index, _KEEP)
 
 
-def _inputs_read(index: int, requested: Iterable[int], mode: str) -> tuple[int, ...]:
+def _inputs_read(index: int, requested: Iterable[int], mode: str, taxonomy: Taxonomy | None = None) -> tuple[int, ...]:
     """Raw predictions the rule of ``index`` reads, given what else was requested."""
-    rule = _rule_of(index)
+    rule = _rule_of(index, taxonomy)
     if mode == "official":
         requested = set(requested)
         if rule.rule is Rule.VEIN_ABOVE_PANCREAS:
             return ()  # the official code reads the pancreas only when it is requested itself
-        if rule.rule is Rule.LUNG_PAIR and index == _LEFT_LUNG and _RIGHT_LUNG not in requested:
-            return ()  # official: 17 without 16 is never computed
+        if rule.rule is Rule.LUNG_PAIR:
+            right, left = rule.reads
+            if index == left and right not in requested:
+                return ()  # official: the left lung without the right one is never computed
     return rule.reads
 
 
-def required_classes(classes: Iterable[int], mode: Mode = "fixed") -> list[int]:
+def required_classes(classes: Iterable[int], mode: Mode = "fixed", taxonomy: Taxonomy | None = None) -> list[int]:
     """Every class whose raw prediction :func:`postprocess_masks` needs to post-process ``classes``.
 
     That is ``classes`` plus the classes their rules read (e.g. 26 kidney tumour -> 2 and 3). Sorted.
+    ``taxonomy``: the class table the rules come from (default: the official one).
     """
     _check_mode(mode)
     requested = _check_class_list(classes)
     needed = set(requested)
     for index in requested:
-        needed.update(_inputs_read(index, requested, mode))
+        needed.update(_inputs_read(index, requested, mode, taxonomy))
     return sorted(needed)
 
 
@@ -202,7 +214,7 @@ def keep_largest_components(mask: np.ndarray, k: int = 1) -> np.ndarray:
     """
     mask = _as_c_bool(mask)
     out = np.zeros(mask.shape, dtype=bool)
-    box = _bounding_box(mask)
+    box = bounding_box(mask)
     if box is None or k < 1:
         return out
     out[box] = _largest_in_box(mask[box], k)
@@ -216,6 +228,7 @@ def postprocess_masks(
     masks: Mapping[int, np.ndarray],
     classes: Iterable[int] | None = None,
     mode: Mode = "fixed",
+    taxonomy: Taxonomy | None = None,
 ) -> dict[int, np.ndarray]:
     """Post-process thresholded per-class masks with the Universal Model's per-class rules.
 
@@ -226,6 +239,7 @@ def postprocess_masks(
         classes: the classes to post-process and return, in order. Default: every key of ``masks``,
             ascending. The order matters only in official mode (vein/pancreas quirk).
         mode: ``"fixed"`` (default) or ``"official"``; see the module documentation.
+        taxonomy: the class table whose rules apply (a checkpoint's; default: the official one).
 
     Returns:
         ``{class index: bool mask}`` for exactly the requested classes (new arrays, C-ordered).
@@ -244,24 +258,26 @@ def postprocess_masks(
     if missing:
         raise MissingInputError(f"no prediction was passed for the requested class(es) {missing}")
     for index in requested:
-        absent = [need for need in _inputs_read(index, requested, mode) if need not in raw]
+        absent = [need for need in _inputs_read(index, requested, mode, taxonomy) if need not in raw]
         if absent:
-            rule = _rule_of(index)
+            rule = _rule_of(index, taxonomy)
             raise MissingInputError(
                 f"post-processing class {index} ({rule.what}) reads the raw prediction of class(es) "
                 f"{absent}; pass them in `masks` (they need not be requested; see required_classes())"
             )
 
-    return _Postprocessor(raw, requested, mode).run()
+    return _Postprocessor(raw, requested, mode, taxonomy).run()
 
 
 class _Postprocessor:
     """One post-processing run; caches results shared by two classes (lung pair, pancreas)."""
 
-    def __init__(self, raw: dict[int, np.ndarray], requested: list[int], mode: str) -> None:
+    def __init__(self, raw: dict[int, np.ndarray], requested: list[int], mode: str,
+                 taxonomy: Taxonomy | None = None) -> None:
         self.raw = raw
         self.requested = requested
         self.mode = mode
+        self.rules = {index: _rule_of(index, taxonomy) for index in requested}
         self.shape = next(iter(raw.values())).shape
         self._lungs: dict[int, np.ndarray] | None = None
         self._largest: dict[int, np.ndarray] = {}
@@ -274,7 +290,7 @@ class _Postprocessor:
             Rule.LUNG_PAIR: self._lung,
             Rule.INSIDE_ORGAN: self._inside_organ,
         }
-        return {index: handlers[_rule_of(index).rule](index) for index in self.requested}
+        return {index: handlers[self.rules[index].rule](index) for index in self.requested}
 
     # -- rules ---------------------------------------------------------------------------------------
 
@@ -288,15 +304,16 @@ class _Postprocessor:
 
     def _vein_above_pancreas(self, index: int) -> np.ndarray:
         vein = self.raw[index].copy()
+        (pancreas_index,) = self.rules[index].reads
         if self.mode == "official":
-            # Official: the cut is made while processing class 11, and the plain copy made at class 10
-            # overwrites it if 10 comes later in the list; without 11 the vein stays raw.
+            # Official: the cut is made while processing the pancreas, and the plain copy made at the vein
+            # overwrites it if the vein comes later in the list; without the pancreas the vein stays raw.
             order = self.requested
-            if _PANCREAS not in order or order.index(_PANCREAS) < order.index(index):
+            if pancreas_index not in order or order.index(pancreas_index) < order.index(index):
                 return vein
-        if _PANCREAS not in self._largest:
-            self._largest[_PANCREAS] = keep_largest_components(self.raw[_PANCREAS], 1)
-        pancreas = self._largest[_PANCREAS]
+        if pancreas_index not in self._largest:
+            self._largest[pancreas_index] = keep_largest_components(self.raw[pancreas_index], 1)
+        pancreas = self._largest[pancreas_index]
         slices_with_pancreas = np.flatnonzero(pancreas.any(axis=(0, 1)))
         if slices_with_pancreas.size == 0:
             if self.mode == "official":
@@ -313,14 +330,15 @@ class _Postprocessor:
         return vein
 
     def _lung(self, index: int) -> np.ndarray:
-        if self.mode == "official" and index == _LEFT_LUNG and _RIGHT_LUNG not in self.requested:
-            return np.zeros(self.shape, dtype=bool)  # official: only class 16's rule writes 17
+        right, left = self.rules[index].reads
+        if self.mode == "official" and index == left and right not in self.requested:
+            return np.zeros(self.shape, dtype=bool)  # official: only the right lung's rule writes the left
         if self._lungs is None:
-            self._lungs = self._lung_pair()
+            self._lungs = self._lung_pair(right, left)
         return self._lungs[index].copy()
 
     def _inside_organ(self, index: int) -> np.ndarray:
-        rule = _rule_of(index)
+        rule = self.rules[index]
         organ = np.zeros(self.shape, dtype=bool)
         for organ_index in rule.reads:
             organ |= self.raw[organ_index]
@@ -330,40 +348,40 @@ class _Postprocessor:
 
     # -- lungs ---------------------------------------------------------------------------------------
 
-    def _lung_pair(self) -> dict[int, np.ndarray]:
-        """Both lungs from the raw right (16) and left (17) lung channels."""
-        right_votes, left_votes = self.raw[_RIGHT_LUNG], self.raw[_LEFT_LUNG]
+    def _lung_pair(self, right_lung: int, left_lung: int) -> dict[int, np.ndarray]:
+        """Both lungs from the raw right and left lung channels."""
+        right_votes, left_votes = self.raw[right_lung], self.raw[left_lung]
         union = right_votes | left_votes
-        empty = {_RIGHT_LUNG: np.zeros(self.shape, dtype=bool), _LEFT_LUNG: np.zeros(self.shape, dtype=bool)}
-        box = _bounding_box(union)
+        empty = {right_lung: np.zeros(self.shape, dtype=bool), left_lung: np.zeros(self.shape, dtype=bool)}
+        box = bounding_box(union)
         if box is None:
             return empty
         labels, count = cc3d.connected_components(union[box], connectivity=26, return_N=True)
         if count >= 2:
             first, second = _labels_by_size(labels, count)[:2]
             left, right = _order_left_right([labels == first, labels == second], offset=box[0].start)
-            empty[_LEFT_LUNG][box] = left
-            empty[_RIGHT_LUNG][box] = right
+            empty[left_lung][box] = left
+            empty[right_lung][box] = right
         elif self.mode == "official":
             pass  # official: the IndexError is caught and both lungs are dropped
         else:
             split = _split_by_votes(union[box], right_votes[box], left_votes[box])
             if split is None:  # only one channel voted on its own: a single lung
-                side = self._single_lung_side(union[box], right_votes[box], left_votes[box], box)
-                empty[side][box] = union[box]
+                is_right = self._single_lung_is_right(union[box], right_votes[box], left_votes[box], box)
+                empty[right_lung if is_right else left_lung][box] = union[box]
             else:
-                empty[_RIGHT_LUNG][box], empty[_LEFT_LUNG][box] = split
+                empty[right_lung][box], empty[left_lung][box] = split
         return empty
 
-    def _single_lung_side(
+    def _single_lung_is_right(
         self, lung: np.ndarray, right_votes: np.ndarray, left_votes: np.ndarray, box: tuple[slice, ...]
-    ) -> int:
+    ) -> bool:
         """Fixed mode, one lung only: the channel with more votes in it; a tie by array half."""
         right, left = np.count_nonzero(lung & right_votes), np.count_nonzero(lung & left_votes)
         if right != left:
-            return _RIGHT_LUNG if right > left else _LEFT_LUNG
+            return right > left
         mean_axis0 = np.nonzero(lung)[0].mean() + box[0].start
-        return _LEFT_LUNG if mean_axis0 < (self.shape[0] - 1) / 2 else _RIGHT_LUNG
+        return not mean_axis0 < (self.shape[0] - 1) / 2
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -422,7 +440,7 @@ def _closed_and_dilated(organ: np.ndarray, border_is_organ: bool) -> np.ndarray:
     background whatever the filter assumes beyond the box.
     """
     out = np.zeros(organ.shape, dtype=bool)
-    box = _bounding_box(organ, margin=2 * _TUMOUR_FILTER_RADIUS)
+    box = bounding_box(organ, margin=2 * _TUMOUR_FILTER_RADIUS)
     if box is None:
         return out
     cube, radius = _TUMOUR_FILTER_CUBE, _TUMOUR_FILTER_RADIUS
@@ -459,19 +477,6 @@ def _largest_in_box(mask: np.ndarray, k: int) -> np.ndarray:
         return labels > 0
     keep = _labels_by_size(labels, count)[:k]
     return labels == keep[0] if k == 1 else np.isin(labels, keep)
-
-
-def _bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
-    """Smallest box holding every True voxel, grown by ``margin`` and clamped to the array; None if
-    empty."""
-    box = []
-    for axis in range(mask.ndim):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=others))
-        if hits.size == 0:
-            return None
-        box.append(slice(max(hits[0] - margin, 0), min(hits[-1] + 1 + margin, mask.shape[axis])))
-    return tuple(box)
 
 
 def _as_c_bool(mask: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Inference preprocessing of a CT volume and the exact inverse back onto the input voxel grid.
 
-Preprocessing follows the official Universal Model chain (reference SPEC s.3), run with MONAI transforms on
+Preprocessing follows the official Universal Model chain, run with MONAI transforms on
 a ``MetaTensor`` so that the output affine is tracked by MONAI itself:
 
 1. ``Orientation("RAS")``: flip/permute the voxel axes only (no interpolation; oblique direction cosines are
@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+from .errors import InvalidGeometryError, InvalidImageError
+from .settings import PreprocessingParameters, as_triple
+from .io.validation import MAX_SPACING_MM, check_image_size, validate_geometry
 
 __all__ = [
     "InvalidImageError",
@@ -43,58 +46,10 @@ __all__ = [
     "MAX_SPACING_MM",
 ]
 
-MAX_SPACING_MM = 20.0
-"""Largest voxel spacing accepted for a CT (larger values almost always mean a corrupt header)."""
 
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 # Relative size of off-diagonal terms below which the oriented->resampled index map counts as axis-aligned.
 _AXIS_ALIGNED_TOL = 1e-6
-
-
-class InvalidImageError(ValueError):
-    """The input array or its geometry cannot be a CT volume that UniversalSeg can process."""
-
-
-@dataclass(frozen=True)
-class PreprocessingParameters:
-    """Preprocessing settings; a checkpoint carries them (defaults are the official ones, SPEC s.3).
-
-    ``spacing``: output voxel size in mm (x, y, z of the RAS-oriented grid). ``hu_window``: HU mapped to 0 and 1
-    (clipped). ``crop_foreground``: crop to the box of voxels with scaled value > 0. ``crop_margin``: voxels
-    added around that box (never beyond the image).
-    """
-
-    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
-    hu_window: tuple[float, float] = (-175.0, 250.0)
-    crop_foreground: bool = True
-    crop_margin: tuple[int, int, int] = (0, 0, 0)
-
-    def as_kwargs(self) -> dict:
-        """Keyword arguments for :func:`preprocess`."""
-        return {
-            "spacing": tuple(self.spacing),
-            "hu_window": tuple(self.hu_window),
-            "crop_foreground": self.crop_foreground,
-            "crop_margin": tuple(self.crop_margin),
-        }
-
-    def to_dict(self) -> dict:
-        """JSON-serialisable form (lists), e.g. for checkpoint metadata."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.as_kwargs().items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PreprocessingParameters":
-        """Inverse of :meth:`to_dict`; missing keys take the official defaults, unknown keys are an error."""
-        unknown = set(data) - {"spacing", "hu_window", "crop_foreground", "crop_margin"}
-        if unknown:
-            raise ValueError(f"Unknown preprocessing parameter(s): {sorted(unknown)}")
-        defaults = cls()
-        return cls(
-            spacing=_as_triple(data.get("spacing", defaults.spacing), "spacing", float),
-            hu_window=tuple(float(v) for v in data.get("hu_window", defaults.hu_window)),  # type: ignore[arg-type]
-            crop_foreground=bool(data.get("crop_foreground", defaults.crop_foreground)),
-            crop_margin=_as_triple(data.get("crop_margin", defaults.crop_margin), "crop_margin", int),
-        )
 
 
 @dataclass
@@ -130,16 +85,6 @@ class PreprocessedVolume:
 # validation
 
 
-def _as_triple(value, name: str, kind: type) -> tuple:
-    """One number or three numbers -> a 3-tuple of ``kind``."""
-    values = np.atleast_1d(np.asarray(value, dtype=np.float64))
-    if values.shape == (1,):
-        values = np.repeat(values, 3)
-    if values.shape != (3,):
-        raise ValueError(f"{name} must be one number or three numbers, got {value!r}")
-    return tuple(kind(v) for v in values)
-
-
 def validate_image(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Check that ``array`` + ``affine`` describe one 3-D scalar image; return ``(array3d, affine float64)``.
 
@@ -172,26 +117,27 @@ def validate_image(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, n
                 f"out of {array.size}; a CT must hold finite HU values."
             )
 
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4):
-        raise InvalidImageError(f"The affine must be a 4x4 IJK->RAS matrix, got shape {affine.shape}.")
-    if not np.all(np.isfinite(affine)):
-        raise InvalidImageError("The affine (IJK->RAS matrix) contains NaN or infinite values.")
-    if not np.allclose(affine[3], [0.0, 0.0, 0.0, 1.0]):
-        raise InvalidImageError(f"The last row of the affine must be [0, 0, 0, 1], got {affine[3].tolist()}.")
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    if np.any(spacing <= 0) or np.any(spacing > MAX_SPACING_MM):
-        raise InvalidImageError(
-            f"Implausible voxel spacing {np.round(spacing, 6).tolist()} mm: every axis must be > 0 and "
-            f"<= {MAX_SPACING_MM:g} mm. The image header is probably wrong."
-        )
-    # |det| / prod(spacing) is 1 for orthogonal axes and 0 for degenerate ones (parallel columns).
-    if abs(np.linalg.det(affine[:3, :3])) / float(np.prod(spacing)) < 1e-3:
-        raise InvalidImageError(
-            "The affine is singular: two voxel axes point in (almost) the same direction, so voxel "
-            "positions are undefined. The image header is probably wrong."
-        )
+    try:
+        affine = validate_geometry(affine, "The image")
+    except InvalidGeometryError as error:
+        raise InvalidImageError(str(error)) from None
     return array, affine
+
+
+def check_resampled_size(shape: Sequence[int], affine: np.ndarray, spacing: Sequence[float], itemsize: int = 8) -> None:
+    """Refuse, before anything is allocated, a resampled grid that is too large for the limits or the memory.
+
+    The grid ``Spacing`` makes has about ``(n - 1) * s_in / s_out + 1`` voxels per axis, so a header with a
+    large spacing (or a tiny output spacing) can ask for far more voxels than the input has. Each
+    resampled voxel is held once in the resampling dtype (``itemsize`` bytes) and once in float32.
+    """
+    in_spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    # Orientation only permutes axes: pair each input axis with the output spacing of its RAS axis.
+    ras_axis = np.argmax(np.abs(np.asarray(affine, dtype=np.float64)[:3, :3]), axis=0)
+    out_spacing = np.asarray(spacing, dtype=np.float64)[ras_axis]
+    resampled = [int(round((n - 1) * s_in / s_out + 1)) for n, s_in, s_out in zip(shape, in_spacing, out_spacing)]
+    check_image_size(resampled, itemsize + 4, "The image",
+                     what=f"resampling to {', '.join(f'{s:g}' for s in spacing)} mm")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -231,10 +177,10 @@ def preprocess(
 
     array, affine = validate_image(array, affine)
     params = PreprocessingParameters(
-        spacing=_as_triple(spacing, "spacing", float),
+        spacing=as_triple(spacing, "spacing", float),
         hu_window=tuple(float(v) for v in hu_window),  # type: ignore[arg-type]
         crop_foreground=bool(crop_foreground),
-        crop_margin=_as_triple(crop_margin, "crop_margin", int),
+        crop_margin=as_triple(crop_margin, "crop_margin", int),
     )
     if any(not np.isfinite(s) or s <= 0 for s in params.spacing):
         raise ValueError(f"Output spacing must be positive, got {params.spacing}")
@@ -242,6 +188,8 @@ def preprocess(
         raise ValueError(f"hu_window must be (low, high) with low < high, got {params.hu_window}")
     if any(m < 0 for m in params.crop_margin):
         raise ValueError(f"crop_margin must be >= 0, got {params.crop_margin}")
+
+    check_resampled_size(array.shape, affine, params.spacing, np.dtype(resample_dtype).itemsize)
 
     # float32 like the official LoadImaged; the channel axis is what MONAI's array transforms expect.
     image = MetaTensor(
@@ -306,7 +254,7 @@ def to_source_grid(mask_or_labels: np.ndarray, prep: PreprocessedVolume, order: 
         prep: the result of :func:`preprocess` for the input image.
         order: memory order of a 3-D result, "C" or "F". Use the input array's order (nibabel and
             SimpleITK give Fortran-ordered volumes): masks and volume then share one memory layout, and
-            indexing the volume with a mask is ~8x faster on a fine CT.
+            indexing the volume with a mask runs in memory order (much faster on a fine CT).
 
     Returns:
         An array of the same dtype (and channel count) with shape ``prep.source_shape`` per channel, in the
@@ -425,8 +373,8 @@ def _general_map(prep: PreprocessedVolume) -> _GeneralMap:
 def _invert_channel(channel: np.ndarray, prep: PreprocessedVolume, index_map, order: str = "C") -> np.ndarray:
     if isinstance(index_map, _SeparableMap):
         # View the cropped array with its axes in source order, then gather one axis at a time, ending with
-        # the axis that is contiguous in the result: ~6x faster than one outer-product (np.ix_) gather on a
-        # fine CT. For a Fortran-ordered result the same runs on the transposed view.
+        # the axis that is contiguous in the result: much faster than one outer-product (np.ix_) gather on
+        # a fine CT. For a Fortran-ordered result the same runs on the transposed view.
         raw = channel.view(np.uint8) if channel.dtype == bool else channel
         view = np.transpose(raw, index_map.axes)
         steps = list(enumerate(index_map.indices))

@@ -23,13 +23,19 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from .errors import InvalidArgumentTypeError, TaxonomyError, UnknownClassError
 
 __all__ = [
     "ANATOMIC_REGION_CONTEXT",
     "DEFAULT_TAXONOMY",
     "DICOM_MASTER_CONTEXT",
+    "UNIVERSALSEG_CONTEXT",
     "GENERAL_ANATOMY_CONTEXT",
     "KINDS",
+    "KIND_PRIORITY",
+    "POSTPROCESS_RULES",
+    "PostprocessSpec",
+    "PROMPT_TEMPLATE",
     "ClassInfo",
     "CodedTerm",
     "GroupSpec",
@@ -43,31 +49,27 @@ __all__ = [
 
 TAXONOMY_FORMAT = "universalseg-taxonomy"
 TAXONOMY_VERSION = 1
-PROMPT_TEMPLATE = "A computerized tomography of a {}"  # official CLIP prompt template (SPEC s.8)
+#: How a class name becomes the text the official model embedded with CLIP ("... of a liver").
+PROMPT_TEMPLATE = "A computerized tomography of a {}"
 
 KINDS = ("organ", "vessel", "tumor", "cyst")
 LESION_KINDS = ("tumor", "cyst")
+#: Where classes overlap in one label map, the class of the higher kind is shown: lesions inside vessels
+#: inside organs (the label map, the phantom's partial labels and training's label maps all use this).
+KIND_PRIORITY = {"organ": 1, "vessel": 2, "tumor": 3, "cyst": 3}
+#: Post-processing rules a class can have (see :class:`PostprocessSpec` and :mod:`UniversalSegLib.postprocess`).
+POSTPROCESS_RULES = ("keep", "largest_component", "vein_above_pancreas", "lung_pair", "inside_organ")
 LATERALITIES = ("left", "right")
 
 GENERAL_ANATOMY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 DICOM_MASTER_CONTEXT = "Segmentation category and type - DICOM master list"
+#: The context of the types in neither Slicer list (portal and splenic vein, femoral head): the Slicer module
+#: ships it as a ``.term.json`` generated from the class table and loads it at start-up.
+UNIVERSALSEG_CONTEXT = "Segmentation category and type - UniversalSeg"
 ANATOMIC_REGION_CONTEXT = "Anatomic codes - DICOM master list"
 
 _KEY_PATTERN = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 _MAX_SUGGESTIONS = 5
-
-
-class TaxonomyError(ValueError):
-    """A class table (or one entry of it) is malformed or inconsistent."""
-
-
-class UnknownClassError(ValueError):
-    """Text that names no class or group; ``suggestions`` holds the closest known names."""
-
-    def __init__(self, message: str, query: str = "", suggestions: Sequence[str] = ()):
-        super().__init__(message)
-        self.query = query
-        self.suggestions = tuple(suggestions)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -202,6 +204,34 @@ def _key_from_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class PostprocessSpec:
+    """How a class's thresholded mask is cleaned up (the rules are implemented in
+    :mod:`UniversalSegLib.postprocess`).
+
+    ``rule``: one of :data:`POSTPROCESS_RULES`. ``reads``: keys of the classes whose raw predictions the rule
+    reads besides the class itself (the pancreas for the vein, both lungs for the lung pair, the organs of a
+    lesion). ``components``: for ``"inside_organ"``, how many largest components of those organs to keep.
+    """
+
+    rule: str = "keep"
+    reads: Tuple[str, ...] = ()
+    components: int = 1
+
+    def __post_init__(self) -> None:
+        if self.rule not in POSTPROCESS_RULES:
+            raise TaxonomyError(f"post-processing rule {self.rule!r} is not one of {', '.join(POSTPROCESS_RULES)}")
+        object.__setattr__(self, "reads", tuple(self.reads))
+
+    def to_dict(self) -> dict:
+        return {"rule": self.rule, "reads": list(self.reads), "components": self.components}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PostprocessSpec":
+        return cls(rule=str(data.get("rule", "keep")), reads=tuple(data.get("reads") or ()),
+                   components=int(data.get("components", 1)))
+
+
+@dataclass(frozen=True)
 class ClassInfo:
     """One class of the taxonomy. ``index`` is 1-based; the model channel is ``index - 1``."""
 
@@ -220,6 +250,9 @@ class ClassInfo:
     narrower_terms: Tuple[str, ...] = ()
     #: Every organ that contains a lesion (official TUMOR_ORGAN); ``parent`` is the first of them.
     parent_organs: Tuple[int, ...] = ()
+    #: How post-processing cleans up this class; None in class tables written before rules were data
+    #: (post-processing then uses the official class of the same index and key, else keeps the mask).
+    postprocess: Optional[PostprocessSpec] = None
     #: Where each code and the colour came from (informational; not compared).
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -282,6 +315,7 @@ class ClassInfo:
             "parent": self.parent, "parent_organs": list(self.parent_organs), "laterality": self.laterality,
             "synonyms": list(self.synonyms), "narrower_terms": list(self.narrower_terms),
             "color": list(self.color), "terminology": self.terminology.to_dict(), "sources": dict(self.sources),
+            **({"postprocess": self.postprocess.to_dict()} if self.postprocess is not None else {}),
         }
 
     @classmethod
@@ -314,11 +348,13 @@ class ClassInfo:
             narrower_terms=tuple(data.get("narrower_terms") or ()),
             parent_organs=tuple(data.get("parent_organs") or ()),
             sources=dict(data.get("sources") or {}),
+            postprocess=PostprocessSpec.from_dict(data["postprocess"]) if data.get("postprocess") else None,
         )
 
 
 _CLASS_FIELDS = {"index", "key", "display_name", "prompt_name", "official_name", "kind", "parent",
-                 "parent_organs", "laterality", "synonyms", "narrower_terms", "color", "terminology", "sources"}
+                 "parent_organs", "laterality", "synonyms", "narrower_terms", "color", "terminology", "sources",
+                 "postprocess"}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -587,9 +623,9 @@ def _split_query(query: Union[str, Sequence[str]]) -> list:
         pieces = list(query)
         for piece in pieces:
             if not isinstance(piece, str):
-                raise TypeError(f"class names must be strings, got {piece!r} ({type(piece).__name__})")
+                raise InvalidArgumentTypeError(f"class names must be strings, got {piece!r} ({type(piece).__name__})")
     else:
-        raise TypeError(f"resolve() takes a string or a list of strings, got {type(query).__name__}")
+        raise InvalidArgumentTypeError(f"resolve() takes a string or a list of strings, got {type(query).__name__}")
     return [item.strip() for piece in pieces for item in re.split(r"[,;]", piece) if item.strip()]
 
 

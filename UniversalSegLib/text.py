@@ -18,13 +18,15 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import torch
+from .errors import TextEncoderUnavailable
+from .taxonomy import PROMPT_TEMPLATE
 
 __all__ = [
     "PROMPT_TEMPLATE", "TextEncoder", "TextEncoderUnavailable", "ClipTextEncoder", "OneHotEncoder",
     "find_clip_weights", "prompts_for",
 ]
 
-PROMPT_TEMPLATE = "A computerized tomography of a {}"
+
 CLIP_ARCH = "ViT-B-32"
 CLIP_WEIGHTS_HELP = (
     "CLIP ViT-B/32 (OpenAI) weights are needed to embed new class names; classes a checkpoint already "
@@ -36,10 +38,6 @@ CLIP_WEIGHTS_HELP = (
 )
 # Keys of the text tower; a weights file may hold only these (the vision tower is never used here).
 _TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection", "attn_mask")
-
-
-class TextEncoderUnavailable(RuntimeError):
-    """The text encoder's package or weights are missing; the message says how to get them."""
 
 
 class TextEncoder(Protocol):

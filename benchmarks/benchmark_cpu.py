@@ -97,7 +97,7 @@ def run_one(args: argparse.Namespace) -> dict:
     end()
     record = {
         "backbone": segmenter.checkpoint.metadata.model.backbone, "classes": len(classes),
-        "threads": segmenter_threads(), "input": str(args.input), "input_shape": list(volume.shape),
+        "threads": segmenter.threads, "input": str(args.input), "input_shape": list(volume.shape),
         "preprocessed_shape": list(result.preprocessed.shape), "windows": result.windows,
         "total_seconds": round(time.perf_counter() - t_all, 1),
         "seconds_per_window": round(stages["inference"]["seconds"] / max(result.windows, 1), 2),
@@ -105,12 +105,6 @@ def run_one(args: argparse.Namespace) -> dict:
     }
     print(json.dumps(record), flush=True)
     return record
-
-
-def segmenter_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def main() -> None:

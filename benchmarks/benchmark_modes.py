@@ -36,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark_cpu import _fixture_checkpoint, _reset_peak, _rss_peak_mb  # noqa: E402
 
+from UniversalSegLib.helpers import dice_score as dice  # noqa: E402
+from UniversalSegLib.settings import PRECISIONS  # noqa: E402
+
 
 class StageClock:
     """Seconds and peak RSS (and peak CUDA memory) per named stage."""
@@ -71,17 +74,9 @@ class StageClock:
         self._name = None
 
 
-def dice(a, b) -> float:
-    import numpy as np
-
-    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
-    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
-
-
 def run_mode(mode: str, args, model_path: str, keep_masks: bool = True) -> tuple[dict, dict]:
     """One mode end to end; returns (record, masks on the input grid, or {} without ``keep_masks``)."""
     import numpy as np
-    import torch
 
     from UniversalSegLib.api import plan_outputs, write_result
     from UniversalSegLib.io import read_volume
@@ -92,7 +87,8 @@ def run_mode(mode: str, args, model_path: str, keep_masks: bool = True) -> tuple
     clock.begin("read")
     volume = read_volume(args.input)
     clock.begin("load_model")
-    segmenter = Segmenter(model_path, device=args.device, threads=args.threads, mode=mode, precision=args.precision)
+    segmenter = Segmenter(model_path, device=args.device, threads=args.threads, mode=mode, precision=args.precision,
+                          runtime=getattr(args, "runtime", None))
     classes = segmenter.resolve(args.classes)
 
     def progress(stage: str, fraction: float) -> None:
@@ -106,8 +102,9 @@ def run_mode(mode: str, args, model_path: str, keep_masks: bool = True) -> tuple
     clock.end()
     masks = {i: np.array(result.masks[i]) for i in result.masks} if keep_masks else {}
     record = {
-        "mode": mode, "backbone": segmenter.checkpoint.metadata.model.backbone, "classes": len(classes),
-        "device": str(segmenter.device), "precision": args.precision, "threads": torch.get_num_threads(),
+        "mode": mode, "runtime": segmenter.runtime, "backbone": segmenter.checkpoint.metadata.model.backbone,
+        "classes": len(classes),
+        "device": str(segmenter.device), "precision": args.precision, "threads": segmenter.threads,
         "overlap": segmenter.overlap, "placement": segmenter.mode.placement,
         "input_shape": list(volume.shape), "preprocessed_shape": list(result.preprocessed.shape),
         "windows": result.windows, "total_seconds": round(time.perf_counter() - t_all, 1),
@@ -190,7 +187,8 @@ def agreement_part(args) -> dict:
     checkpoint = load_checkpoint(demo_checkpoint_path())
     settings = checkpoint.metadata.provenance.get("phantom", {})
     modes = args.modes.split(",")
-    segmenters = {m: Segmenter(checkpoint, device=args.device, threads=args.threads, mode=m) for m in set(modes) | {"reference"}}
+    segmenters = {m: Segmenter(checkpoint, device=args.device, threads=args.threads, mode=m, runtime=args.runtime)
+                  for m in set(modes) | {"reference"}}
     names = {c.index: c.key for c in checkpoint.metadata.classes}
     dices: dict[str, dict[int, list]] = {m: {} for m in modes}
     truth_dice: dict[str, dict[int, list]] = {m: {} for m in modes}
@@ -217,7 +215,7 @@ def agreement_part(args) -> dict:
 
 
 def print_table(records: list[dict]) -> None:
-    stages = ["read", "load_model", "preprocess", "inference", "postprocess", "invert", "write"]
+    stages = ["read", "load_model", "preprocess", "convert", "inference", "postprocess", "invert", "write"]
     print("\n| mode | windows | total s | peak RSS MB | " + " | ".join(stages) + " | min Dice vs reference |")
     print("|---|---|---|---|" + "---|" * len(stages) + "---|")
     for r in records:
@@ -238,8 +236,10 @@ def main() -> None:
     parser.add_argument("--classes", default="all")
     parser.add_argument("--modes", default="reference,default,fast")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--precision", default="float32", choices=list(PRECISIONS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runtime", choices=["auto", "torch", "openvino"], default="torch",
+                        help="window forward runtime for every mode (default torch; benchmark_runtimes.py compares)")
     parser.add_argument("--phantoms", type=int, default=3, help="phantoms for the trained-weights agreement (0: skip)")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--same-process", action="store_true", help="run every mode in this process")

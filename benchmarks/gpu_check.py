@@ -149,7 +149,8 @@ def check_fidelity(device) -> dict:
 
 def _mode_args(input_path: str, precision: str, threads: int | None) -> argparse.Namespace:
     """The fields benchmark_modes.run_mode reads."""
-    return argparse.Namespace(input=input_path, device="cuda", threads=threads, precision=precision, classes="all")
+    return argparse.Namespace(input=input_path, device="cuda", threads=threads, precision=precision, classes="all",
+                              runtime="torch")  # OpenVINO is a CPU runtime
 
 
 def time_full_ct(input_path: str, threads: int | None) -> list[dict]:

@@ -4,10 +4,13 @@ Everything the module does except drawing its panel lives here and imports no ``
 ``slicer.ScriptedLoadableModule``: it runs inside Slicer and under pytest on the ``slicer-core`` wheel.
 The scene and module logics are passed in; nothing looks up the Slicer application.
 
-Modules: :mod:`.logic` (the entry point, :class:`SegmentationLogic`), :mod:`.jobs` (worker thread),
-:mod:`.results` (masks -> segments), :mod:`.clickselect`, :mod:`.review`, :mod:`.export`,
-:mod:`.statistics`, :mod:`.classes` (class picker), :mod:`.dependencies`, :mod:`.estimate`,
-:mod:`.parameters`, :mod:`.messages`, :mod:`.snapshots` (offscreen pictures).
+Modules: :mod:`.logic` (the entry point, :class:`SegmentationLogic`; inference runs in the worker process
+of :mod:`UniversalSegLib.worker`), :mod:`.jobs` (a worker request as the panel sees it), :mod:`.results`
+(masks -> segments), :mod:`.clickselect`, :mod:`.review`, :mod:`.export`, :mod:`.batch_review` (a batch
+folder's queue and cases), :mod:`.statistics`,
+:mod:`.classes` (class picker), :mod:`.dependencies`, :mod:`.estimate`, :mod:`.parameters`,
+:mod:`.messages`, :mod:`.terminology` (the extension's terminology context), :mod:`.snapshots` (offscreen
+pictures).
 """
 from .classes import PRESETS, ClassCatalog
 from .jobs import BackgroundJob, JobCancelled, JobState

@@ -35,14 +35,17 @@ class ClassHit:
 class CachedPrediction:
     """All-class prediction of one volume: probabilities (preprocessed grid) and masks (input grid)."""
 
-    def __init__(self, result) -> None:
-        if result.probabilities is None or result.preprocessed is None:
+    def __init__(self, result, classes, statistics: dict | None = None) -> None:
+        """``result``: a :class:`~UniversalSegLib.worker.WorkerResult` with probabilities; ``classes``: its
+        classes; ``statistics``: what the worker measured per class (index -> voxels, volume_ml, mean_hu)."""
+        self.statistics = dict(statistics or {})
+        if result.probabilities is None or result.preprocessed_affine is None:
             raise ValueError("the segmentation result holds no probabilities (run with keep_probabilities=True)")
-        self.classes: list[ClassInfo] = list(result.classes)
+        self.classes: list[ClassInfo] = list(classes)
         self.probabilities: dict[int, np.ndarray] = dict(result.probabilities)
-        self.preprocessed = result.preprocessed
-        self._ras_to_index = np.linalg.inv(np.asarray(self.preprocessed.affine, dtype=np.float64))
-        self.shape = tuple(result.volume.shape)
+        self.preprocessed_shape = tuple(result.preprocessed_shape)
+        self._ras_to_index = np.linalg.inv(np.asarray(result.preprocessed_affine, dtype=np.float64))
+        self.shape = tuple(result.shape)
         self._packed = {index: np.packbits(mask, axis=None) for index, mask in result.masks.items()}
 
     @property
@@ -53,7 +56,7 @@ class CachedPrediction:
         """Nearest voxel of the preprocessed grid to the RAS point, or None outside it (outside the body crop)."""
         point = self._ras_to_index @ np.array([float(ras[0]), float(ras[1]), float(ras[2]), 1.0])
         index = np.rint(point[:3]).astype(int)
-        if np.any(index < 0) or np.any(index >= np.array(self.preprocessed.shape)):
+        if np.any(index < 0) or np.any(index >= np.array(self.preprocessed_shape)):
             return None
         return tuple(int(v) for v in index)
 
@@ -94,7 +97,7 @@ def volume_fingerprint(volume_node) -> tuple:
 
 
 class PredictionCache:
-    """Least-recently-used cache of :class:`CachedPrediction` (thread-safe: filled by the worker thread)."""
+    """Least-recently-used cache of :class:`CachedPrediction`."""
 
     def __init__(self, max_entries: int = 1) -> None:
         self.max_entries = max(1, int(max_entries))

@@ -1,7 +1,7 @@
 """Rough time and memory estimate of a run, shown next to the device choice before Apply.
 
-The costs that matter (DESIGN.md, performance model): the number of 96^3 windows (image size after
-resampling to 1.5 mm, overlap 0.5), the time of one window on the chosen device, and the memory of one
+The costs that matter: the number of 96^3 windows (image size after resampling to 1.5 mm, the mode's
+overlap), the time of one window on the chosen device, and the memory of one
 forward plus the per-class arrays. The window count is an upper bound: the body crop is not known
 before preprocessing. Per-window times are measurements of the official-size networks with UniversalSeg's
 CPU path (2-core AMD EPYC, float32, 2 threads, ``benchmarks/benchmark_modes.py``); GPU times are typical
@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Sequence
+
+from UniversalSegLib.settings import count_windows
 
 __all__ = ["RunEstimate", "estimate_run", "SECONDS_PER_WINDOW"]
 
@@ -46,13 +48,6 @@ class RunEstimate:
         return f"Up to {self.windows} network windows: {duration} {where}; needs {memory}."
 
 
-def _windows_per_axis(length: int, roi: int, overlap: float) -> int:
-    if length <= roi:
-        return 1
-    step = max(1, int(roi * (1.0 - overlap)))
-    return math.ceil((length - roi) / step) + 1
-
-
 def estimate_run(shape: Sequence[int], spacing: Sequence[float], backbone: str = "swinunetr", device: str = "cpu",
                  classes: int = 32, threads: int = 2, target_spacing: Sequence[float] = (1.5, 1.5, 1.5),
                  roi: Sequence[int] = (96, 96, 96), overlap: float = 0.5, streaming: bool = True) -> RunEstimate:
@@ -63,7 +58,7 @@ def estimate_run(shape: Sequence[int], spacing: Sequence[float], backbone: str =
     """
     device = "cuda" if device.startswith("cuda") or device == "gpu" else "cpu"
     resampled = [max(1, round((n - 1) * s / t + 1)) for n, s, t in zip(shape, spacing, target_spacing)]
-    windows = math.prod(_windows_per_axis(n, r, overlap) for n, r in zip(resampled, roi))
+    windows = count_windows(resampled, tuple(int(r) for r in roi), overlap)
     window_scale = math.prod(roi) / _REFERENCE_WINDOW
     per_window = SECONDS_PER_WINDOW.get((backbone, device), SECONDS_PER_WINDOW[("swinunetr", device)]) * window_scale
     if device == "cpu":

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Mapping
 
+from UniversalSegLib.errors import OutputError
 from UniversalSegLib.io.training_case import write_training_case
 from UniversalSegLib.mrml import mask_from_segment, segment_class_index, volume_from_node
 from UniversalSegLib.taxonomy import Taxonomy, get_taxonomy
@@ -20,7 +21,7 @@ from .review import REVIEWED_STATES, review_state
 __all__ = ["ExportError", "reviewed_segments", "export_training_case", "suggest_case_id"]
 
 
-class ExportError(ValueError):
+class ExportError(OutputError, ValueError):
     """Nothing to export, or an ambiguous segmentation (two reviewed segments for one class)."""
 
 

@@ -1,43 +1,43 @@
-"""Background jobs: run the network in a worker thread while Slicer's GUI stays responsive.
+"""Jobs: what the panel shows and cancels while the worker process runs a request.
 
-Why a thread and not a process: the model stays loaded between runs (a second Apply or a click on the
-image must not reload 250 MB of weights), PyTorch releases the GIL inside its kernels so the GUI keeps
-running, and results (numpy arrays) come back without serialisation. One persistent worker thread serves
-all jobs, because CUDA/cuDNN keep per-thread state that is costly to rebuild.
+The work itself runs in another process (:mod:`UniversalSegLib.worker`); a :class:`BackgroundJob` is its
+state on Slicer's side: stage and progress, the cancel request, and the result or error. Nothing here
+runs in a thread: :meth:`BackgroundJob.done` reads the worker's new events (the widget calls it from a
+timer, :meth:`BackgroundJob.wait` in a loop for scripts), and the listener turns them into state.
 
 Rules that keep the scene safe:
 
-* a job's function receives only plain data (numpy arrays, paths); it never touches MRML or VTK objects;
-* progress and state are plain attributes written by the worker and read by the main thread;
-* results are applied to the scene by the main thread after :meth:`BackgroundJob.done` (the widget polls
-  with a timer), in one step, so cancel or failure leave the scene exactly as it was.
+* the worker receives only voxel copies and paths; it never touches MRML or VTK objects;
+* results are applied to the scene by the main thread after :meth:`BackgroundJob.done`, in one step, so
+  cancel or failure leave the scene exactly as it was;
+* Cancel ends the job at once (the panel is free again); the worker stops at its next check and the
+  result it may still produce is discarded.
 """
 from __future__ import annotations
 
-import sys
-import threading
 import time
-import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
 from enum import Enum
 from typing import Any, Callable
 
-__all__ = ["JobState", "JobCancelled", "BackgroundJob", "BackgroundRunner", "STAGE_LABELS", "STAGE_WEIGHTS"]
+from UniversalSegLib.errors import Interrupted
+from UniversalSegLib.settings import CONVERT_STAGE, CONVERT_STAGE_LABEL
+from UniversalSegLib.settings import STAGE_LABELS as _LIBRARY_STAGE_LABELS
 
-#: Plain-language labels of the stages a job reports (library stages plus the module's own).
+__all__ = ["JobState", "JobCancelled", "BackgroundJob", "STAGE_LABELS", "STAGE_WEIGHTS"]
+
+#: Plain-language labels of the stages a job reports (the module's own around the library's).
 STAGE_LABELS = {
     "queued": "Waiting for the previous run to finish",
     "load": "Loading the model",
+    "download": "Downloading the model",
     "check": "Checking the input volume",
-    "preprocess": "Preparing the image (orientation, 1.5 mm grid, intensity window)",
-    "inference": "Running the network",
-    "postprocess": "Cleaning up the masks",
-    "invert": "Mapping the masks back onto the input grid",
+    **_LIBRARY_STAGE_LABELS,
+    CONVERT_STAGE: CONVERT_STAGE_LABEL,  # OpenVINO runs only
     "done": "Finished",
 }
 #: Share of the whole run each stage takes, for one overall progress bar.
-STAGE_WEIGHTS = {"load": 0.05, "check": 0.02, "preprocess": 0.05, "inference": 0.78, "postprocess": 0.05,
-                 "invert": 0.05}
+STAGE_WEIGHTS = {"load": 0.05, "check": 0.02, "preprocess": 0.05, CONVERT_STAGE: 0.0, "inference": 0.78,
+                 "postprocess": 0.05, "invert": 0.05}
 
 
 class JobState(str, Enum):
@@ -48,60 +48,108 @@ class JobState(str, Enum):
     CANCELLED = "cancelled"
 
 
-class JobCancelled(RuntimeError):
+class JobCancelled(Interrupted, RuntimeError):
     """Raised inside a job's function (through :meth:`BackgroundJob.check_cancelled`) after Cancel."""
 
 
 class BackgroundJob:
-    """One unit of background work: state, progress, cancel flag, result or error.
+    """One request to the worker as the panel sees it: state, progress, cancel, result or error.
 
-    The job function is called as ``function(job)``; it reports with :meth:`report` and polls
-    :meth:`cancelled` / :meth:`check_cancelled`.
+    Args:
+        description: what the job does, for messages.
+        on_progress: called with ``(stage, fraction)`` on each progress report (in :meth:`done`/:meth:`wait`).
+        poll: reads the worker's new events (which call :meth:`report`, :meth:`succeed`, :meth:`fail`...).
+        on_cancel: tells the worker to stop.
     """
 
-    def __init__(self, description: str, on_progress: Callable[[str, float], None] | None = None):
+    def __init__(self, description: str, on_progress: Callable[[str, float], None] | None = None,
+                 poll: Callable[[], None] | None = None, on_cancel: Callable[[], None] | None = None):
         self.description = description
         self.state = JobState.QUEUED
         self.stage = "queued"
         self.stage_fraction = 0.0
-        self.started_at: float | None = None
+        self.started_at: float | None = time.monotonic()
         self.finished_at: float | None = None
         self.error: BaseException | None = None
         self.error_details = ""
         self._result: Any = None
-        self._cancel = threading.Event()
-        self._finished = threading.Event()
+        self._cancel_requested = False
+        self._finished = False
         self._on_progress = on_progress
+        self._poll = poll
+        self._on_cancel = on_cancel
         self.metadata: dict = {}
 
-    # -- worker side
+    # -- fed by the worker's events
     def report(self, stage: str, fraction: float) -> None:
+        if self._finished:
+            return
+        self.state = JobState.RUNNING
         self.stage, self.stage_fraction = stage, min(max(float(fraction), 0.0), 1.0)
         if self._on_progress is not None:
             self._on_progress(stage, self.stage_fraction)
 
+    def succeed(self, value: Any) -> None:
+        if not self._finished:
+            self._result, self.state = value, JobState.SUCCEEDED
+            self.stage, self.stage_fraction = "done", 1.0
+            self._finish()
+
+    def fail(self, error: BaseException, details: str = "") -> None:
+        if not self._finished:
+            if _is_cancellation(error):
+                self.state = JobState.CANCELLED
+            else:
+                self.error, self.error_details, self.state = error, details, JobState.FAILED
+            self._finish()
+
+    def _finish(self) -> None:
+        self.finished_at = time.monotonic()
+        self._finished = True
+
     def cancelled(self) -> bool:
-        return self._cancel.is_set()
+        return self._cancel_requested
 
     def check_cancelled(self) -> None:
-        if self._cancel.is_set():
+        if self._cancel_requested:
             raise JobCancelled(f"{self.description}: cancelled")
 
     # -- main-thread side
     def cancel(self) -> None:
-        """Ask the job to stop; it does at the next check (between network windows: seconds)."""
-        self._cancel.set()
+        """Stop now: the job ends as cancelled at once and the worker is told to stop (between network
+        windows); whatever it still produces is discarded, so the scene stays as it was."""
+        if self._finished:
+            return
+        self._cancel_requested = True
+        if self._on_cancel is not None:
+            self._on_cancel()
+        self.state = JobState.CANCELLED
+        self._finish()
+
+    @property
+    def finished(self) -> bool:
+        """Whether the job has ended, without reading the worker's news (see :meth:`done`)."""
+        return self._finished
 
     def done(self) -> bool:
-        return self._finished.is_set()
+        """Read the worker's news, then whether the job has ended."""
+        if not self._finished and self._poll is not None:
+            self._poll()
+        return self._finished
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the job has finished (True) or ``timeout`` seconds passed (False)."""
-        return self._finished.wait(timeout)
+    def wait(self, timeout: float | None = None, interval: float = 0.02) -> bool:
+        """Poll until the job has finished (True) or ``timeout`` seconds passed (False). For scripts and
+        tests; the panel polls from a timer instead."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(interval)
+        return True
 
     def result(self) -> Any:
         """The job's return value; raises the job's error, or :class:`JobCancelled` after cancel."""
-        if not self._finished.is_set():
+        if not self._finished:
             raise RuntimeError(f"{self.description} has not finished yet")
         if self.state is JobState.CANCELLED:
             raise JobCancelled(f"{self.description} was cancelled")
@@ -135,55 +183,7 @@ class BackgroundJob:
             return 0.0
         return (self.finished_at or time.monotonic()) - self.started_at
 
-    # -- runner side
-    def _run(self, function: Callable[["BackgroundJob"], Any]) -> None:
-        self.state = JobState.RUNNING
-        self.started_at = time.monotonic()
-        try:
-            self.check_cancelled()
-            self._result = function(self)
-            self.check_cancelled()
-            self.state = JobState.SUCCEEDED
-            self.stage, self.stage_fraction = "done", 1.0
-        except BaseException as error:  # reported to the main thread, never lost in the worker
-            self._result = None
-            if _is_cancellation(error):
-                self.state = JobState.CANCELLED
-            else:
-                self.error = error
-                self.error_details = traceback.format_exc()
-                self.state = JobState.FAILED
-        finally:
-            self.finished_at = time.monotonic()
-            self._finished.set()
-
 
 def _is_cancellation(error: BaseException) -> bool:
-    """JobCancelled, or the library's InferenceCancelled (looked up only if the library is loaded: a job
-    such as a download must not import PyTorch just to recognise it)."""
-    if isinstance(error, JobCancelled):
-        return True
-    inference = sys.modules.get("UniversalSegLib.inference")
-    return inference is not None and isinstance(error, inference.InferenceCancelled)
-
-
-class BackgroundRunner:
-    """A single persistent worker thread that runs :class:`BackgroundJob` functions one after another."""
-
-    def __init__(self) -> None:
-        self._executor: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
-
-    def submit(self, job: BackgroundJob, function: Callable[[BackgroundJob], Any]) -> BackgroundJob:
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="UniversalSeg")
-            future: Future = self._executor.submit(job._run, function)
-        job.metadata["future"] = future
-        return job
-
-    def shutdown(self, wait: bool = True) -> None:
-        with self._lock:
-            if self._executor is not None:
-                self._executor.shutdown(wait=wait)
-                self._executor = None
+    """JobCancelled, or the library's InferenceCancelled: both are :class:`Interrupted`."""
+    return isinstance(error, Interrupted)

@@ -4,16 +4,21 @@
 Slicer application), so the same code runs in Slicer and under pytest on the ``slicer-core`` wheel::
 
     logic = SegmentationLogic(scene)
-    job = logic.start_segmentation(ct_node, "liver, liver tumour", model="swinunetr")   # worker thread
-    ...                                                 # the GUI keeps running; job.progress, job.cancel()
+    job = logic.start_segmentation(ct_node, "liver, liver tumour", model="swinunetr")   # worker process
+    ...                                   # the GUI keeps running; job.done() (from a timer), job.cancel()
     applied = logic.apply_result(job, ct_node)          # main thread, one step
 
-Heavy imports (PyTorch, MONAI) happen only when a model is loaded, inside the worker thread.
+Inference runs in a persistent worker process (:mod:`UniversalSegLib.worker`) that keeps the model loaded
+between runs: this process never imports PyTorch or MONAI, so it never holds their memory or DLLs, and
+a worker that dies (out of memory, CUDA error, killed) is replaced on the next request.
 """
 from __future__ import annotations
 
+import logging
 import os
-import threading
+import shutil
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,15 +26,17 @@ from typing import Callable, Sequence
 from UniversalSegLib import __version__
 from UniversalSegLib.mrml import segment_class_index, volume_from_node
 from UniversalSegLib.taxonomy import ClassInfo, Taxonomy, get_taxonomy
+from UniversalSegLib.worker import read_result
+from UniversalSegLib.worker.protocol import write_volume
 
 from .classes import ClassCatalog
 from .clickselect import CachedPrediction, ClassHit, PredictionCache, volume_fingerprint
 from .estimate import RunEstimate, estimate_run
 from .export import export_training_case
-from .jobs import BackgroundJob, BackgroundRunner
+from .jobs import BackgroundJob, JobCancelled
 from .results import AppliedResult, class_segment_ids, insert_class_masks
 from .review import EditTracker, review_state, set_review_state
-from .statistics import segment_statistics, write_statistics_table
+from .statistics import SegmentStatistics, segment_statistics, write_statistics_table
 
 __all__ = ["SegmentationLogic", "ModelChoice", "SegmentationOutcome", "STATISTICS_REFERENCE"]
 
@@ -51,39 +58,63 @@ class ModelChoice:
 
 @dataclass
 class SegmentationOutcome:
-    """What a segmentation job returns (plain data, produced in the worker thread)."""
+    """What a segmentation job returns: the worker's masks, the classes, and what the worker measured."""
 
-    result: object  # UniversalSegLib.pipeline.SegmentationResult
+    result: object  # UniversalSegLib.worker.WorkerResult
     classes: list[ClassInfo]
     model_name: str
     taxonomy: Taxonomy
     volume_node_id: str
+    statistics: dict = None  # class index -> {"voxels", "volume_ml", "mean_hu"} (measured by the worker)
+    info: dict = None  # the worker's answer: model_loaded, load_seconds, seconds, runtime, mode, device...
+
+
+def worker_python() -> str:
+    """The interpreter for the worker: ``PythonSlicer`` inside 3D Slicer (Slicer's Python and packages;
+    ``sys.executable`` there is the application itself), else this interpreter.
+    ``$UNIVERSALSEG_WORKER_PYTHON`` overrides both."""
+    override = os.environ.get("UNIVERSALSEG_WORKER_PYTHON")
+    if override:
+        return override
+    slicer = sys.modules.get("slicer")
+    if slicer is not None and getattr(slicer, "app", None) is not None:
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
+    return sys.executable
 
 
 class SegmentationLogic:
-    """Background segmentation, result import, click-to-select, review and export for one MRML scene.
+    """Segmentation in the worker process, result import, click-to-select, review and export for one scene.
 
     Args:
         scene: the MRML scene.
-        threads: PyTorch CPU threads (default: all cores but one, so the GUI stays responsive).
+        threads: PyTorch CPU threads of the worker (default: all cores but one, so the GUI stays responsive).
         prediction_cache_size: volumes whose all-class prediction is kept for click-to-select.
+        python: the worker's interpreter (default: :func:`worker_python`).
+        worker: a :class:`~UniversalSegLib.worker.WorkerProcess` to use instead of an own one (scripts that
+            work on several scenes share one loaded model); it is not stopped by :meth:`shutdown`.
     """
 
-    def __init__(self, scene, threads: int | None = None, prediction_cache_size: int = 1) -> None:
+    def __init__(self, scene, threads: int | None = None, prediction_cache_size: int = 1,
+                 python: str | None = None, worker=None) -> None:
+        from UniversalSegLib.worker import WorkerProcess
+
         self.scene = scene
         self.threads = threads
-        self.runner = BackgroundRunner()
+        self._own_worker = worker is None
+        self.worker = worker if worker is not None else WorkerProcess(python or worker_python())
+        self.downloader = WorkerProcess(python or worker_python())  # separate: a cancelled download is killed
         self.predictions = PredictionCache(prediction_cache_size)
-        self._segmenter = None
-        self._segmenter_key: tuple | None = None
-        self._segmenter_lock = threading.Lock()
+        self._stored_predictions: dict = {}  # volume node id -> (fingerprint, prediction read from files)
+        self.last_run: dict = {}  # the worker's answer to the last segmentation (device, load time...)
         self._trackers: dict[str, EditTracker] = {}
 
     # ------------------------------------------------------------------------------------------- models
     @staticmethod
     def model_choices() -> list[ModelChoice]:
-        """The registered official models (downloaded or not). Needs the library's dependencies (torch)."""
-        from UniversalSegLib.models import list_models
+        """The registered official models (downloaded or not)."""
+        from UniversalSegLib.model_store import list_models
 
         return [ModelChoice(spec.name, f"{spec.name} ({spec.description})", path, spec.license, spec.description,
                             spec.size_mb) for spec, path in list_models()]
@@ -91,15 +122,46 @@ class SegmentationLogic:
     @staticmethod
     def resolve_model(model: str | os.PathLike) -> Path:
         """Path of a registered model name (must be downloaded) or of a checkpoint file."""
-        from UniversalSegLib.models import resolve_model
+        from UniversalSegLib.model_store import resolve_model
 
         return Path(resolve_model(model))
 
     @staticmethod
+    def model_metadata(model: str | os.PathLike | None):
+        """What a model is (backbone, classes, preprocessing and inference parameters) without loading it or
+        PyTorch: a registered model (by name or by its official file name) -> the official metadata; a
+        UniversalSeg ``.safetensors`` -> its header. None when that cannot be told before loading (another
+        ``.pth`` file, a missing or damaged file)."""
+        from UniversalSegLib.checkpoint_metadata import official_metadata, read_metadata
+        from UniversalSegLib.errors import CheckpointError
+        from UniversalSegLib.model_store import REGISTRY
+        from UniversalSegLib.settings import ModelConfig
+
+        if not model:
+            return None
+        text = str(model)
+        spec = REGISTRY.get(text) or next((s for s in REGISTRY.values() if Path(text).name == s.filename), None)
+        if spec is not None:
+            return official_metadata(ModelConfig(backbone=spec.backbone))
+        if Path(text).suffix == ".safetensors":
+            try:
+                return read_metadata(text)
+            except CheckpointError:
+                return None
+        return None
+
+    @classmethod
+    def model_classes(cls, model: str | os.PathLike | None) -> Taxonomy:
+        """The classes a model segments (the official 32 when that cannot be told before loading)."""
+        metadata = cls.model_metadata(model)
+        return metadata.classes if metadata is not None else get_taxonomy()
+
+    @staticmethod
     def model_license(model: str | os.PathLike) -> str:
         """Licence text of a model: from the registry, or from a UniversalSeg checkpoint's metadata."""
-        from UniversalSegLib.checkpoints import OFFICIAL_LICENSE, CheckpointError, read_metadata
-        from UniversalSegLib.models import REGISTRY
+        from UniversalSegLib.checkpoint_metadata import read_metadata
+        from UniversalSegLib.errors import CheckpointError
+        from UniversalSegLib.model_store import OFFICIAL_LICENSE, REGISTRY
 
         if str(model) in REGISTRY:
             return REGISTRY[str(model)].license
@@ -112,44 +174,81 @@ class SegmentationLogic:
         return OFFICIAL_LICENSE if path.suffix == ".pth" else "Unknown licence."
 
     def start_download(self, name: str) -> BackgroundJob:
-        """Download a registered model in the background (checksum verified; see UniversalSegLib.models)."""
-        from UniversalSegLib.models import download_model
+        """Download a registered model in a separate process (checksum verified; see
+        UniversalSegLib.model_store). Cancel stops that process; the partial file is never installed."""
+        downloader = self.downloader
+        request_id = downloader.new_request_id()
 
-        job = BackgroundJob(f"Download of model {name}")
+        def cancel():
+            downloader.kill()
+            downloader.poll()
 
-        def run(job: BackgroundJob):
-            job.report("load", 0.0)
-            return download_model(name, progress=False)
+        job = BackgroundJob(f"Download of model {name}", poll=downloader.poll, on_cancel=cancel)
+        downloader.send(request_id, "download", self._listener(job, lambda event: Path(event["path"])), name=name)
+        return job
 
-        return self.runner.submit(job, run)
+    def start_import(self, path: str | os.PathLike) -> BackgroundJob:
+        """Import an official checkpoint file into the model cache in a separate process (validating it
+        needs PyTorch, which Slicer's process never loads)."""
+        downloader = self.downloader
+        request_id = downloader.new_request_id()
+        job = BackgroundJob(f"Import of {Path(path).name}", poll=downloader.poll, on_cancel=downloader.kill)
+        downloader.send(request_id, "import", self._listener(job, lambda event: Path(event["path"])), path=str(path))
+        return job
 
-    @property
-    def loaded_segmenter(self):
-        """The model currently loaded (None before the first run)."""
-        return self._segmenter
+    @staticmethod
+    def model_folder() -> Path:
+        """Where downloaded and imported models are kept."""
+        from UniversalSegLib.model_store import models_dir
+
+        return models_dir()
+
+    def clear_model_cache(self) -> int:
+        """Delete the downloaded and imported models (the worker is stopped first: it may hold one open);
+        returns the number of bytes freed."""
+        folder = self.model_folder()
+        if not folder.is_dir():
+            return 0
+        self.release_model()
+        freed = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+        shutil.rmtree(folder)
+        return freed
+
+    @staticmethod
+    def _listener(job: BackgroundJob, on_result, on_end=None):
+        """Turns a request's worker events into the job's state (``on_result(event)`` gives its value)."""
+        from UniversalSegLib.worker import error_from_event
+
+        def listener(event: dict) -> None:
+            kind = event.get("event")
+            try:
+                if kind == "progress":
+                    job.report(event["stage"], event["fraction"])
+                elif kind == "result":
+                    if not job.finished:  # a cancelled job's late result is not even read
+                        job.succeed(on_result(event))
+                elif kind == "error":
+                    error = error_from_event(event)
+                    job.fail(error, event.get("details", ""))
+                elif kind == "cancelled":
+                    job.metadata["worker_stopped_at"] = time.monotonic()  # the worker is free again
+                    job.fail(JobCancelled(f"{job.description} was cancelled"))
+                elif kind == "died":
+                    job.fail(event["error"])
+            except Exception as error:  # reading the answer failed: the job fails, the GUI goes on
+                import traceback
+
+                job.fail(error, traceback.format_exc())
+            finally:
+                if kind != "progress" and on_end is not None:
+                    on_end(event)
+
+        return listener
 
     @staticmethod
     def _model_name(model) -> str:
         text = str(model)
         return text if os.sep not in text and "/" not in text else Path(text).name
-
-    def _load_segmenter(self, model, device: str, precision: str = "float32", mode: str = "default"):
-        """A cached :class:`~UniversalSegLib.pipeline.Segmenter` (loaded in the worker thread)."""
-        from UniversalSegLib.pipeline import Segmenter
-
-        path = self.resolve_model(model)
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, device, precision, mode)
-        with self._segmenter_lock:
-            if self._segmenter_key != key:
-                self._segmenter = None  # free the previous model before loading the next one
-                threads = self.threads
-                if threads is None and device != "cuda":
-                    threads = max(1, (os.cpu_count() or 2) - 1)
-                self._segmenter = Segmenter(str(path), device=device, precision=precision, threads=threads,
-                                            mode=mode)
-                self._segmenter_key = key
-            return self._segmenter
 
     def model_key(self, model) -> tuple:
         """Identity of a model file (path, modification time, size): predictions are cached per model."""
@@ -160,41 +259,58 @@ class SegmentationLogic:
     # -------------------------------------------------------------------------------------- segmentation
     def start_segmentation(self, volume_node, classes: str | Sequence[str | int | ClassInfo] | None, model,
                            device: str = "auto", on_progress: Callable[[str, float], None] | None = None,
-                           keep_prediction: bool | None = None, mode: str = "default") -> BackgroundJob:
+                           keep_prediction: bool | None = None, mode: str = "default",
+                           runtime: str | None = None) -> BackgroundJob:
         """Start segmenting ``classes`` (None: all classes of the model) of ``volume_node`` in the background.
 
         The volume's voxels are copied now, so the scene may change while the job runs. When all classes
         are requested the prediction is also cached for click-to-select (``keep_prediction`` forces it).
         Returns at once; poll ``job.done()`` and call :meth:`apply_result` on the main thread. ``mode`` is
-        an inference mode of :data:`UniversalSegLib.pipeline.MODES` ("default", "fast", "reference").
+        an inference mode of :data:`UniversalSegLib.settings.MODES` ("default", "fast", "reference");
+        ``runtime`` one of :data:`UniversalSegLib.settings.RUNTIMES` ("auto": OpenVINO on a CPU when installed;
+        None: ``$UNIVERSALSEG_RUNTIME`` or "auto").
         """
-        volume = volume_from_node(volume_node)  # copy on the main thread: the worker never touches MRML
+        volume = volume_from_node(volume_node)  # a copy: the scene may change while the worker runs
         fingerprint = volume_fingerprint(volume_node)
         model_key = self.model_key(model)  # fails now (on the main thread) when the model is not available
         model_name = self._model_name(model)
         volume_id = volume_node.GetID()
-        job = BackgroundJob(f"UniversalSeg on {volume_node.GetName()}", on_progress)
+        taxonomy = self.model_classes(model)
+        requested = self._resolve_classes(taxonomy, classes)
+        all_classes = len(requested) == len(taxonomy)
+        keep = all_classes if keep_prediction is None else keep_prediction
+        worker = self.worker
+        request_id = worker.new_request_id()
+        volume_file = write_volume(worker.folder, request_id, volume.array)
+        job = BackgroundJob(f"UniversalSeg on {volume_node.GetName()}", on_progress, poll=worker.poll,
+                            on_cancel=lambda: worker.cancel(request_id))
 
-        def run(job: BackgroundJob) -> SegmentationOutcome:
-            from UniversalSegLib.io.validation import ensure_ct
-
-            job.report("load", 0.0)
-            segmenter = self._load_segmenter(model, device, mode=mode)
-            job.report("load", 1.0)
-            job.check_cancelled()
-            job.report("check", 0.0)
-            ensure_ct(volume.array, volume.source)  # a clear error for MR, label maps, images not in HU
-            requested = self._resolve_classes(segmenter.taxonomy, classes)
-            all_classes = len(requested) == len(segmenter.taxonomy)
-            keep = all_classes if keep_prediction is None else keep_prediction
-            job.report("check", 1.0)
-            result = segmenter.segment(volume, requested, progress=job.report, cancel=job.cancelled,
-                                       keep_probabilities=keep)
+        def on_result(event: dict) -> SegmentationOutcome:
+            result = read_result(worker.folder / event["output"])
+            taxonomy = Taxonomy.from_dict(event["taxonomy"])
+            done = [taxonomy[index] for index in event["classes"]]
+            self.last_run = {key: value for key, value in event.items() if key not in ("taxonomy", "statistics")}
+            statistics = {row["index"]: row for row in event.get("statistics", [])}
             if keep and all_classes:
-                self.predictions.put((fingerprint, model_key), CachedPrediction(result))
-            return SegmentationOutcome(result, requested, model_name, segmenter.taxonomy, volume_id)
+                self.predictions.put((fingerprint, model_key), CachedPrediction(result, done, statistics))
+            return SegmentationOutcome(result, done, model_name, taxonomy, volume_id, statistics, self.last_run)
 
-        return self.runner.submit(job, run)
+        def on_end(event: dict) -> None:  # the request's files are not needed any more
+            worker.discard(volume_file)
+            if event.get("output"):
+                worker.discard(event["output"])
+
+        worker.send(request_id, "segment", self._listener(job, on_result, on_end), volume=volume_file,
+                    affine=[[float(v) for v in row] for row in volume.affine], source=str(volume.source),
+                    model=str(self.resolve_model(model)), device=device, mode=mode, runtime=runtime,
+                    threads=self._worker_threads(device),
+                    classes=None if all_classes else [c.index for c in requested], keep_probabilities=keep)
+        return job
+
+    def _worker_threads(self, device: str) -> int | None:
+        if self.threads is not None or device == "cuda":
+            return self.threads
+        return max(1, (os.cpu_count() or 2) - 1)  # one core left for Slicer
 
     @staticmethod
     def _resolve_classes(taxonomy: Taxonomy, classes) -> list[ClassInfo]:
@@ -216,7 +332,7 @@ class SegmentationLogic:
         return [info for info in classes if info.index in found]
 
     def apply_result(self, job: BackgroundJob, volume_node, segmentation_node=None, replace_existing: bool = False,
-                     show_3d: bool = True, statistics: bool = True) -> AppliedResult:
+                     show_3d: bool = False, statistics: bool = True) -> AppliedResult:
         """Put a finished job's masks into the scene (main thread), in one step.
 
         Raises the job's error (the scene is untouched), :class:`~.jobs.JobCancelled`, or
@@ -227,24 +343,37 @@ class SegmentationLogic:
         if volume_node.GetID() != outcome.volume_node_id:
             raise ValueError("This result belongs to another volume.")
         return self._insert(volume_node, outcome.result.masks, outcome.classes, segmentation_node, replace_existing,
-                            outcome.model_name, show_3d, statistics)
+                            outcome.model_name, show_3d, statistics, outcome.statistics)
 
     def _insert(self, volume_node, masks, classes, segmentation_node, replace_existing, model_name, show_3d,
-                statistics) -> AppliedResult:
+                statistics, measured=None) -> AppliedResult:
         tracker = self._trackers.get(segmentation_node.GetID()) if segmentation_node is not None else None
         applied = insert_class_masks(self.scene, volume_node, masks, classes, segmentation_node,
                                      replace_existing=replace_existing, model_name=model_name, show_3d=show_3d,
                                      tracker=tracker)
         self.track_edits(applied.segmentation_node)
         if statistics:
-            applied.table_node = self.update_statistics_table(applied.segmentation_node, volume_node)
+            known = {}
+            if measured:  # what the worker measured for the new segments: no second pass over the CT here
+                segmentation = applied.segmentation_node.GetSegmentation()
+                for index, segment_id in applied.segment_ids.items():
+                    row = measured.get(index)
+                    if row is not None:
+                        known[segment_id] = SegmentStatistics(
+                            segment_id, segmentation.GetSegment(segment_id).GetName(), index, int(row["voxels"]),
+                            float(row["volume_ml"]), row["mean_hu"], "unreviewed")
+            try:
+                applied.table_node = self.update_statistics_table(applied.segmentation_node, volume_node, known=known)
+            except Exception as error:  # the segments are in: report the missing table, do not undo them
+                logging.getLogger(__name__).exception("UniversalSeg: statistics table not updated")
+                applied.statistics_error = str(error)
         return applied
 
     def segment(self, volume_node, classes, model, device: str = "auto", segmentation_node=None,
-                replace_existing: bool = False, show_3d: bool = True, timeout: float | None = None,
-                mode: str = "default") -> AppliedResult:
+                replace_existing: bool = False, show_3d: bool = False, timeout: float | None = None,
+                mode: str = "default", runtime: str | None = None) -> AppliedResult:
         """Blocking convenience for scripts and self-tests: start, wait, apply."""
-        job = self.start_segmentation(volume_node, classes, model, device, mode=mode)
+        job = self.start_segmentation(volume_node, classes, model, device, mode=mode, runtime=runtime)
         if not job.wait(timeout):
             job.cancel()
             job.wait()
@@ -253,7 +382,28 @@ class SegmentationLogic:
 
     # ---------------------------------------------------------------------------------- click-to-select
     def cached_prediction(self, volume_node, model) -> CachedPrediction | None:
+        """The volume's all-class prediction: one attached from stored files (a batch case, whatever model is
+        selected), else the one computed in the worker for ``model``."""
+        stored = self._stored_predictions.get(volume_node.GetID())
+        if stored is not None and stored[0] == volume_fingerprint(volume_node):
+            return stored[1]
         return self.predictions.get((volume_fingerprint(volume_node), self.model_key(model)))
+
+    def attach_prediction(self, volume_node, prediction: CachedPrediction) -> None:
+        """Use a prediction read from files (a batch's stored probabilities) for clicks on this volume, as
+        long as its voxels and geometry do not change; no network runs for it."""
+        self._stored_predictions[volume_node.GetID()] = (volume_fingerprint(volume_node), prediction)
+
+    def detach_prediction(self, volume_node) -> None:
+        """Forget a prediction attached with :meth:`attach_prediction` (its probabilities can be large)."""
+        self._stored_predictions.pop(volume_node.GetID(), None)
+
+    def import_masks(self, volume_node, masks, classes, segmentation_node=None, replace_existing: bool = False,
+                     model_name: str = "", statistics: bool = True) -> AppliedResult:
+        """Put masks made elsewhere (a batch's outputs) into the scene as UniversalSeg segments, exactly as a
+        run's result goes in (review states, edit tracking, statistics table)."""
+        return self._insert(volume_node, masks, classes, segmentation_node, replace_existing, model_name,
+                            False, statistics)
 
     def classes_at(self, volume_node, ras, model) -> list[ClassHit] | None:
         """Classes the model sees at the RAS point (probability > 0.5), most probable first; None when the
@@ -267,7 +417,7 @@ class SegmentationLogic:
         return self.start_segmentation(volume_node, None, model, device, on_progress, keep_prediction=True)
 
     def add_predicted_class(self, volume_node, index: int, model, segmentation_node=None,
-                            replace_existing: bool = False, show_3d: bool = True) -> AppliedResult:
+                            replace_existing: bool = False, show_3d: bool = False) -> AppliedResult:
         """Add one class as a segment from the cached prediction (no network run)."""
         prediction = self.cached_prediction(volume_node, model)
         if prediction is None:
@@ -276,11 +426,14 @@ class SegmentationLogic:
         if info is None:
             raise KeyError(f"The model has no class {index}.")
         return self._insert(volume_node, {index: prediction.mask(index)}, [info], segmentation_node,
-                            replace_existing, self._model_name(model), show_3d, statistics=True)
+                            replace_existing, self._model_name(model), show_3d, statistics=True,
+                            measured=prediction.statistics)
 
-    def remove_class_segment(self, segmentation_node, index: int) -> bool:
-        """Remove the segment of a class (click-to-select toggles); False when there was none."""
-        segment_id = class_segment_ids(segmentation_node, [self._class_info(index)]).get(index)
+    def remove_class_segment(self, segmentation_node, index: int | ClassInfo) -> bool:
+        """Remove the segment of a class (click-to-select toggles); False when there was none. ``index``:
+        a class index of the official table, or the ClassInfo of any model's class."""
+        info = index if isinstance(index, ClassInfo) else get_taxonomy()[index]
+        segment_id = class_segment_ids(segmentation_node, [info]).get(info.index)
         if segment_id is None:
             return False
         tracker = self._trackers.get(segmentation_node.GetID())
@@ -290,10 +443,6 @@ class SegmentationLogic:
         else:
             segmentation_node.GetSegmentation().RemoveSegment(segment_id)
         return True
-
-    @staticmethod
-    def _class_info(index: int) -> ClassInfo:
-        return get_taxonomy()[index]
 
     # -------------------------------------------------------------------------------------------- review
     def track_edits(self, segmentation_node) -> EditTracker:
@@ -333,46 +482,67 @@ class SegmentationLogic:
                                     taxonomy=taxonomy, tracker=self._trackers.get(segmentation_node.GetID()))
 
     # ---------------------------------------------------------------------------------------- statistics
-    def update_statistics_table(self, segmentation_node, volume_node, table_node=None):
-        """Create or refresh the statistics table of a segmentation (class, ml, voxels, mean HU, review)."""
+    def update_statistics_table(self, segmentation_node, volume_node, table_node=None, known=None):
+        """Create or refresh the statistics table of a segmentation (class, ml, voxels, mean HU, review).
+
+        ``known``: rows already measured (segment id -> :class:`SegmentStatistics`); only the other
+        segments are measured here."""
         if table_node is None:
             table_node = segmentation_node.GetNodeReference(STATISTICS_REFERENCE)
-        rows = segment_statistics(segmentation_node, volume_node)
+        known = dict(known or {})
+        ids = list(segmentation_node.GetSegmentation().GetSegmentIDs())
+        measured = {row.segment_id: row for row in
+                    segment_statistics(segmentation_node, volume_node, [i for i in ids if i not in known])}
+        rows = [known.get(segment_id) or measured[segment_id] for segment_id in ids]
         table_node = write_statistics_table(self.scene, rows, table_node,
                                             name=f"{segmentation_node.GetName()} statistics")
         segmentation_node.SetNodeReferenceID(STATISTICS_REFERENCE, table_node.GetID())
         return table_node
 
     # ------------------------------------------------------------------------------------------- estimate
-    def estimate(self, volume_node, device: str = "auto", classes: int = 32, backbone: str = "swinunetr",
+    def estimate(self, volume_node, device: str = "auto", classes: int = 32, model: str | os.PathLike | None = None,
                  mode: str = "default") -> RunEstimate:
-        """Rough time and memory of a run of the official-size model on this volume."""
+        """Rough time and memory of a run of ``model`` (default: the official Swin UNETR) in ``mode`` on
+        this volume, from the model's metadata (backbone, grid spacing, window size and overlap)."""
         import vtk
+
+        from UniversalSegLib.settings import MODES, InferenceParameters, PreprocessingParameters
 
         image = volume_node.GetImageData()
         matrix = vtk.vtkMatrix4x4()
         volume_node.GetIJKToRASMatrix(matrix)
         spacing = [sum(matrix.GetElement(r, c) ** 2 for r in range(3)) ** 0.5 for c in range(3)]
         if device == "auto":
-            device = "cuda" if _cuda_available() else "cpu"
-        threads = self.threads or max(1, (os.cpu_count() or 2) - 1)
-        overlap = 0.0 if mode == "fast" else 0.5  # window counts of the modes (UniversalSegLib.pipeline.MODES)
-        return estimate_run(image.GetDimensions(), spacing, backbone, device, classes, threads, overlap=overlap,
-                            streaming=mode != "reference")
+            # what the worker chose last time ("cuda:0" -> "cuda"), else a guess that imports nothing
+            device = str(self.last_run.get("device", "cuda" if _cuda_likely() else "cpu")).split(":")[0]
+        threads = self._worker_threads("cpu")
+        metadata = self.model_metadata(model)
+        backbone = metadata.model.backbone if metadata is not None else "swinunetr"
+        windows = metadata.inference if metadata is not None else InferenceParameters()
+        grid = metadata.preprocessing if metadata is not None else PreprocessingParameters()
+        run_mode = MODES[mode]
+        return estimate_run(image.GetDimensions(), spacing, backbone, device, classes, threads,
+                            target_spacing=grid.spacing, roi=windows.roi_size,
+                            overlap=run_mode.effective_overlap(windows.overlap), streaming=run_mode.streaming)
+
+    def release_model(self) -> None:
+        """Stop the worker process: the model's memory (GPU memory too) is given back now. The next run
+        starts a new worker and loads the model again."""
+        self.worker.stop()
 
     def shutdown(self) -> None:
-        """Stop observing and release the worker thread and the loaded model."""
+        """Stop observing, cancel what runs, and stop the worker processes (module exit, Reload)."""
         for tracker in self._trackers.values():
             tracker.stop()
         self._trackers.clear()
-        self.runner.shutdown(wait=False)
-        self._segmenter = None
+        if self._own_worker:
+            self.worker.stop(timeout=0.5)
+        self.downloader.kill()
+        self.downloader.stop(timeout=0.0)
         self.predictions.clear()
+        self._stored_predictions.clear()
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except Exception:  # no (working) PyTorch yet: the estimate is for the CPU
-        return False
-    return bool(torch.cuda.is_available())
+def _cuda_likely() -> bool:
+    """Whether an NVIDIA GPU is probably usable, told without importing PyTorch (the worker decides)."""
+    return shutil.which("nvidia-smi") is not None

@@ -1,6 +1,8 @@
 """Plain-language messages for errors shown in the module panel."""
 from __future__ import annotations
 
+from UniversalSegLib.errors import UniversalSegError
+
 __all__ = ["plain_message"]
 
 
@@ -15,13 +17,9 @@ def plain_message(error: BaseException) -> str:
     if _is_out_of_memory(error):
         return ("The computer ran out of memory. Select fewer classes, crop the volume to the region of interest "
                 "(Crop Volume module), close other programs, or choose the CPU if the GPU memory is small.")
-    # The library's own errors already carry specific, readable messages (file, problem, what to do).
-    library_errors = ("CheckpointError", "NotCTError", "DeviceError", "ModelNotAvailable", "ChecksumMismatch",
-                      "MRMLBridgeError", "ExistingSegmentsError", "DependencyError", "UnknownClassError",
-                      "InvalidImageError", "ExportError", "TrainingCaseError", "ReviewError", "OutputExistsError",
-                      "UniversalSegIOError", "InvalidGeometryError", "InvalidVoxelValuesError")
-    if any(cls.__name__ in library_errors for cls in type(error).__mro__):
-        return str(error)
+    # UniversalSeg's own errors carry a specific, readable message (file, problem, what to do).
+    if isinstance(error, UniversalSegError):
+        return error.user_message
     if isinstance(error, ModuleNotFoundError):
         return (f"A Python package is missing ({error.name}). Open the Setup section and press "
                 "'Install dependencies'.")

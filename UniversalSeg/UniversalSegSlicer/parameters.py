@@ -8,17 +8,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ModuleParameters", "SETTINGS_KEYS", "DEVICES", "MODES"]
+from UniversalSegLib.settings import RUNTIMES as LIBRARY_RUNTIMES
+
+from UniversalSegLib.settings import MODES as _LIBRARY_MODES
+
+__all__ = ["ModuleParameters", "SETTINGS_KEYS", "DEVICES", "MODES", "RUNTIMES"]
 
 #: Device choices offered: value -> label.
 DEVICES = (("auto", "Automatic (GPU when available)"), ("cuda", "GPU (CUDA)"), ("cpu", "CPU"))
-#: Inference modes offered (UniversalSegLib.pipeline.MODES): value -> label.
-MODES = (("default", "Default (official windows, bugs fixed)"), ("fast", "Fast (fewest windows, for CPUs)"),
-         ("reference", "Reference (official pipeline, bugs included)"))
+#: Inference modes offered: value -> label.
+MODES = tuple((mode.name, mode.label) for mode in _LIBRARY_MODES.values())
+#: Where each window's network runs (UniversalSegLib.settings.RUNTIMES): value -> label.
+RUNTIMES = tuple(LIBRARY_RUNTIMES.items())
 #: Application-settings keys (QSettings) for per-user defaults.
 SETTINGS_KEYS = {"model": "UniversalSeg/Model", "device": "UniversalSeg/Device",
                  "export_folder": "UniversalSeg/ExportFolder", "show_3d": "UniversalSeg/Show3D",
-                 "mode": "UniversalSeg/Mode"}
+                 "mode": "UniversalSeg/Mode", "runtime": "UniversalSeg/Runtime"}
 
 _INPUT_REFERENCE = "InputVolume"
 _OUTPUT_REFERENCE = "OutputSegmentation"
@@ -31,8 +36,9 @@ class ModuleParameters:
     classes: list[str] = field(default_factory=list)  # class keys
     model: str = "swinunetr"  # registered model name or checkpoint path
     device: str = "auto"
-    show_3d: bool = True
+    show_3d: bool = False  # closed surfaces are built on the main thread: opt-in (slow on large CTs)
     mode: str = "default"
+    runtime: str = "auto"
 
     @classmethod
     def read(cls, node) -> "ModuleParameters":
@@ -41,14 +47,16 @@ class ModuleParameters:
         classes = node.GetParameter("Classes")
         device = node.GetParameter("Device") or defaults.device
         mode = node.GetParameter("Mode") or defaults.mode
+        runtime = node.GetParameter("Runtime") or defaults.runtime
         return cls(
             input_volume_id=node.GetNodeReferenceID(_INPUT_REFERENCE),
             output_segmentation_id=node.GetNodeReferenceID(_OUTPUT_REFERENCE),
             classes=[key for key in classes.split(",") if key] if classes else [],
             model=node.GetParameter("Model") or defaults.model,
             device=device if device in dict(DEVICES) else defaults.device,
-            show_3d=(node.GetParameter("Show3D") or "true") == "true",
+            show_3d=(node.GetParameter("Show3D") or ("true" if defaults.show_3d else "false")) == "true",
             mode=mode if mode in dict(MODES) else defaults.mode,
+            runtime=runtime if runtime in dict(RUNTIMES) else defaults.runtime,
         )
 
     def write(self, node) -> None:
@@ -62,5 +70,6 @@ class ModuleParameters:
             node.SetParameter("Device", self.device)
             node.SetParameter("Show3D", "true" if self.show_3d else "false")
             node.SetParameter("Mode", self.mode)
+            node.SetParameter("Runtime", self.runtime)
         finally:
             node.EndModify(was_modifying)

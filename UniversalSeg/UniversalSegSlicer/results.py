@@ -15,9 +15,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from UniversalSegLib.errors import OutputError
+from UniversalSegLib.io.seg_nrrd import pack_layers
 from UniversalSegLib.mrml import (
     affine_of_volume_node,
     oriented_image_from_mask,
+    parent_transform_to_world,
     prepare_segmentation_node,
     segment_class_index,
     set_segment_class,
@@ -26,14 +29,14 @@ from UniversalSegLib.taxonomy import ClassInfo
 
 from .review import TAG_REVIEW, TAG_VOXELS
 
-__all__ = ["ExistingSegmentsError", "AppliedResult", "class_segment_ids", "build_layers", "insert_class_masks",
+__all__ = ["ExistingSegmentsError", "AppliedResult", "class_segment_ids", "insert_class_masks",
            "TAG_MODEL"]
 
 #: Segment tag naming the model that made a segment.
 TAG_MODEL = "UniversalSeg.Model"
 
 
-class ExistingSegmentsError(ValueError):
+class ExistingSegmentsError(OutputError, ValueError):
     """Some requested classes already have a segment and replacing them was not confirmed."""
 
     def __init__(self, segmentation_name: str, classes: Sequence[ClassInfo]):
@@ -52,6 +55,8 @@ class AppliedResult:
     replaced: list[int] = field(default_factory=list)
     created_node: bool = False
     table_node: object = None
+    #: Why the statistics table could not be made (the segments are in the scene all the same), or "".
+    statistics_error: str = ""
 
 
 def class_segment_ids(segmentation_node, classes: Sequence[ClassInfo]) -> dict[int, str]:
@@ -86,34 +91,11 @@ def _terminology(segment) -> str:
     return str(value)
 
 
-def build_layers(masks: Mapping[int, np.ndarray], order: Sequence[int]) -> list[dict[int, np.ndarray]]:
-    """Group classes into layers where no two masks overlap (first fit, in ``order``); empty masks join
-    the first layer. Returns one ``{class index: mask}`` dict per layer."""
-    layers: list[dict[int, np.ndarray]] = []
-    occupied: list[np.ndarray] = []
-    for index in order:
-        mask = masks[index]
-        for layer, used in zip(layers, occupied):
-            if len(layer) < 255 and not np.any(used & mask):
-                layer[index] = mask
-                used |= mask
-                break
-        else:
-            layers.append({index: mask})
-            occupied.append(mask.copy())
-    return layers
-
-
-def _layer_segments(layer: dict[int, np.ndarray], infos: Mapping[int, ClassInfo], ijk_to_ras: np.ndarray,
-                    model_name: str) -> dict[int, object]:
-    """vtkSegments of one layer sharing one labelmap image (label value = position in the layer)."""
+def _layer_segments(labels: np.ndarray, values: Mapping[int, int], voxels: Mapping[int, int],
+                    infos: Mapping[int, ClassInfo], ijk_to_ras: np.ndarray, model_name: str) -> dict[int, object]:
+    """vtkSegments of one layer sharing one labelmap image (``values``: class index -> label value)."""
     import slicer
 
-    labels = np.zeros(next(iter(layer.values())).shape, dtype=np.uint8)
-    values = {}
-    for value, (index, mask) in enumerate(layer.items(), start=1):
-        labels[mask] = value
-        values[index] = value
     image = oriented_image_from_mask(labels > 0, ijk_to_ras)  # geometry and extent of the union
     from vtk.util import numpy_support
 
@@ -129,7 +111,7 @@ def _layer_segments(layer: dict[int, np.ndarray], infos: Mapping[int, ClassInfo]
         segment.AddRepresentation(representation, image)
         segment.SetLabelValue(value)  # the voxel value of this class in the shared image
         segment.SetTag(TAG_REVIEW, "unreviewed")
-        segment.SetTag(TAG_VOXELS, str(int(np.count_nonzero(layer[index]))))
+        segment.SetTag(TAG_VOXELS, str(voxels[index]))
         if model_name:
             segment.SetTag(TAG_MODEL, model_name)
         segments[index] = segment
@@ -138,7 +120,7 @@ def _layer_segments(layer: dict[int, np.ndarray], infos: Mapping[int, ClassInfo]
 
 def insert_class_masks(scene, volume_node, masks: Mapping[int, np.ndarray], classes: Sequence[ClassInfo],
                        segmentation_node=None, replace_existing: bool = False, model_name: str = "",
-                       show_3d: bool = True, tracker=None) -> AppliedResult:
+                       show_3d: bool = False, tracker=None) -> AppliedResult:
     """Add one segment per class of ``masks`` (IJK bool arrays on ``volume_node``'s grid).
 
     Args:
@@ -150,7 +132,7 @@ def insert_class_masks(scene, volume_node, masks: Mapping[int, np.ndarray], clas
         replace_existing: replace the segments of classes that already have one (otherwise such classes
             raise :class:`ExistingSegmentsError` and nothing is changed).
         model_name: recorded on each segment.
-        show_3d: build closed surfaces and show them in 3D views.
+        show_3d: build closed surfaces and show them in 3D views (on the main thread: slow on big CTs).
         tracker: an :class:`~.review.EditTracker` of the node, suspended while the result goes in.
     """
     import slicer
@@ -177,11 +159,17 @@ def insert_class_masks(scene, volume_node, masks: Mapping[int, np.ndarray], clas
         raise ExistingSegmentsError(segmentation_node.GetName(), [infos[i] for i in existing])
 
     # Everything that can fail happens before the segmentation is touched.
-    ijk_to_ras = affine_of_volume_node(volume_node, world=False)
+    ijk_to_ras = segment_geometry(segmentation_node, volume_node, adopts_volume_transform=created or
+                                  segmentation_node.GetSegmentation().GetNumberOfSegments() == 0)
     order = list(checked)
     new_segments: dict[int, object] = {}
-    for layer in build_layers(checked, order):
-        new_segments.update(_layer_segments(layer, infos, ijk_to_ras, model_name))
+    packed, placed = pack_layers(dims, checked)  # Slicer's own layer layout, as in .seg.nrrd files
+    voxels = {index: int(np.count_nonzero(mask)) for index, mask in checked.items()}
+    for number in range(packed.shape[0] if packed.ndim == 4 else 1):
+        values = {index: label for index, (layer, label, _) in placed.items() if layer == number}
+        if values:
+            new_segments.update(_layer_segments(packed[number] if packed.ndim == 4 else packed, values, voxels,
+                                                infos, ijk_to_ras, model_name))
 
     result = AppliedResult(segmentation_node, created_node=created)
     segmentation = segmentation_node.GetSegmentation()
@@ -219,6 +207,18 @@ def insert_class_masks(scene, volume_node, masks: Mapping[int, np.ndarray], clas
     if show_3d:
         show_closed_surfaces(segmentation_node, tracker)
     return result
+
+
+def segment_geometry(segmentation_node, volume_node, adopts_volume_transform: bool) -> np.ndarray:
+    """IJK->segmentation-coordinates matrix of the volume's grid: segments are stored in their node's own
+    coordinates, so a segmentation under another (linear) parent transform than the volume's gets the
+    volume's world grid mapped through the inverse of its own transform, and its segments land on the
+    anatomy the model saw. A node that takes over the volume's transform needs no mapping. A non-linear
+    transform is refused with a message that says to harden it."""
+    if adopts_volume_transform:
+        return affine_of_volume_node(volume_node, world=False)
+    world = affine_of_volume_node(volume_node, world=True)
+    return np.linalg.inv(parent_transform_to_world(segmentation_node)) @ world
 
 
 def show_closed_surfaces(segmentation_node, tracker=None) -> None:

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
+from UniversalSegLib.errors import UsageError
 from UniversalSegLib.mrml import segment_class_index
 
 __all__ = ["REVIEW_STATES", "TAG_REVIEW", "TAG_VOXELS", "ReviewError", "review_state", "set_review_state",
@@ -28,7 +29,7 @@ TAG_REVIEW = "UniversalSeg.ReviewState"
 TAG_VOXELS = "UniversalSeg.VoxelCount"
 
 
-class ReviewError(ValueError):
+class ReviewError(UsageError, ValueError):
     """Unknown review state, or a segment that UniversalSeg does not track."""
 
 

@@ -5,7 +5,7 @@ volume's own grid into a NIfTI label map, per-class NIfTI masks, a Slicer ``.seg
 SEG; every writer is atomic and never overwrites an existing file unless asked.
 """
 from .dicom import DicomSeriesInfo, list_dicom_series, read_dicom_series, select_series
-from .errors import (
+from ..errors import (
     CorruptFileError,
     DicomSegError,
     DicomSeriesError,

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import CorruptFileError, DicomSeriesError, NoDicomError, UnsupportedDimensionsError
+from ..errors import CorruptFileError, DicomSeriesError, InputTooLargeError, NoDicomError, UnsupportedDimensionsError
+from .validation import check_image_size, validate_geometry
 from .volume import Volume, lps_to_ras
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,11 @@ ORIENTATION_TOLERANCE = 1e-3
 SLICE_GAP_TOLERANCE = 0.1
 #: Slices closer than this (mm) are duplicates.
 DUPLICATE_POSITION_MM = 1e-3
+#: A slice may lie this far (fraction of the smaller pixel size) beside the line through the first and
+#: last slice positions; further is a displaced slice, and the series is not one regular grid.
+LATERAL_TOLERANCE = 0.1
+#: Bytes at the start of a DICOM Part 10 file before the "DICM" marker.
+_PREAMBLE = 128
 
 _HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "Modality", "SeriesInstanceUID", "SeriesDescription", "SeriesNumber",
@@ -102,13 +109,15 @@ class DicomSeriesInfo:
         )
 
 
-def _float_tuple(value) -> tuple[float, ...] | None:
+def _float_tuple(value, length: int) -> tuple[float, ...] | None:
+    """``length`` numbers from a header value, or None when it is missing or malformed."""
     if value is None:
         return None
     try:
-        return tuple(float(v) for v in value)
+        numbers = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
+    return numbers if len(numbers) == length else None
 
 
 def _int_or_none(value) -> int | None:
@@ -118,15 +127,21 @@ def _int_or_none(value) -> int | None:
         return None
 
 
-def _read_header(path: str):
-    """Header of one file, or None when the file is not a DICOM image."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
+def _looks_like_dicom(path: str) -> bool:
+    """True for a file with the DICOM Part 10 marker ("DICM" after the 128-byte preamble)."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError):
-        return None
+        with open(path, "rb") as handle:
+            handle.seek(_PREAMBLE)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _parse_header(path: str):
+    """_Instance of a DICOM image file; None for a non-image DICOM object; raises for a damaged header."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
     modality = str(ds.get("Modality", "") or "").upper()
     if modality in NON_IMAGE_MODALITIES or ds.get("Rows") is None or ds.get("Columns") is None:
         return None
@@ -138,6 +153,9 @@ def _read_header(path: str):
         )
     slope = ds.get("RescaleSlope", 1)
     intercept = ds.get("RescaleIntercept", 0)
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    if rows <= 0 or columns <= 0:
+        raise ValueError(f"image size {columns}x{rows}")
     return _Instance(
         path=path,
         series_uid=uid,
@@ -147,26 +165,57 @@ def _read_header(path: str):
         study_uid=str(ds.get("StudyInstanceUID", "") or ""),
         frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
         image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
+        rows=rows,
+        columns=columns,
         frames=_int_or_none(ds.get("NumberOfFrames")) or 1,
-        position=_float_tuple(ds.get("ImagePositionPatient")),
-        orientation=_float_tuple(ds.get("ImageOrientationPatient")),
-        pixel_spacing=_float_tuple(ds.get("PixelSpacing")),
+        position=_float_tuple(ds.get("ImagePositionPatient"), 3),
+        orientation=_float_tuple(ds.get("ImageOrientationPatient"), 6),
+        pixel_spacing=_float_tuple(ds.get("PixelSpacing"), 2),
         rescale=(float(slope if slope not in (None, "") else 1), float(intercept if intercept not in (None, "") else 0)),
         instance_number=_int_or_none(ds.get("InstanceNumber")),
     )
 
 
-def _scan_folder(folder: Path) -> dict[str, list[_Instance]]:
-    """All DICOM image instances under ``folder`` (recursively), grouped by SeriesInstanceUID."""
+def _read_header(path: str, skipped: list[str] | None = None):
+    """Header of one file, or None when it is not a DICOM image.
+
+    Never opens anything but a regular file (a named pipe would block forever, a device could be
+    endless) and never raises: a file whose DICOM header cannot be decoded (truncated, bit flips) is
+    reported in ``skipped`` (file name and reason) when it carries the DICOM marker, ignored otherwise.
+    """
+    try:
+        info = os.stat(path)  # follows symlinks; a symlink loop or dangling link raises here
+    except OSError as error:
+        if skipped is not None:
+            skipped.append(f"{path} ({error.strerror or error})")
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        if skipped is not None:
+            skipped.append(f"{path} (not a regular file)")
+        return None
+    if info.st_size == 0:
+        return None
+    try:
+        return _parse_header(path)
+    except Exception as error:  # noqa: BLE001 - pydicom raises many types on damaged headers
+        if skipped is not None and _looks_like_dicom(path):
+            skipped.append(f"{path} (damaged DICOM header: {type(error).__name__})")
+        return None
+
+
+def _scan_folder(folder: Path, skipped: list[str] | None = None) -> dict[str, list[_Instance]]:
+    """All DICOM image instances under ``folder`` (recursively), grouped by SeriesInstanceUID.
+
+    Symbolic links to folders are not followed (no loops); damaged or special files are listed in
+    ``skipped``.
+    """
     series: dict[str, list[_Instance]] = {}
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder):  # followlinks=False: a link loop cannot recurse
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.startswith(".") or name.upper() == "DICOMDIR":
                 continue
-            instance = _read_header(os.path.join(root, name))
+            instance = _read_header(os.path.join(root, name), skipped)
             if instance is not None:
                 series.setdefault(instance.series_uid, []).append(instance)
     return series
@@ -264,8 +313,20 @@ def _check_regular_grid(ordered: list[_Instance], where: str) -> tuple[np.ndarra
             f"{where}: multi-frame (enhanced) DICOM objects are not supported yet; "
             f"convert the series to single-frame DICOM or NIfTI (e.g. with dcm2niix) first."
         )
-    if first.orientation is None or len(first.orientation) != 6 or first.pixel_spacing is None:
+    if first.orientation is None or len(first.orientation) != 6 or first.pixel_spacing is None or len(first.pixel_spacing) != 2:
         raise DicomSeriesError(f"{where}: the images lack ImageOrientationPatient/PixelSpacing; they have no 3-D geometry.")
+    if any(i.position is not None and len(i.position) != 3 for i in ordered):
+        raise DicomSeriesError(f"{where}: an ImagePositionPatient does not hold 3 numbers; the slice positions are unknown.")
+    numbers = [first.orientation, first.pixel_spacing] + [i.position for i in ordered if i.position is not None]
+    if not all(np.all(np.isfinite(v)) for v in numbers):
+        raise DicomSeriesError(f"{where}: ImagePositionPatient, ImageOrientationPatient or PixelSpacing holds a "
+                               f"value that is not a finite number.")
+    for name, vector in (("row", first.orientation[:3]), ("column", first.orientation[3:])):
+        if abs(float(np.linalg.norm(vector)) - 1.0) > ORIENTATION_TOLERANCE:
+            raise DicomSeriesError(
+                f"{where}: the {name} direction of ImageOrientationPatient {list(first.orientation)} is not a unit "
+                f"vector (length {float(np.linalg.norm(vector)):.4g}); the header is damaged."
+            )
     if any(i.position is None for i in ordered):
         raise DicomSeriesError(f"{where}: some images lack ImagePositionPatient; their slice positions are unknown.")
     for inst in ordered[1:]:
@@ -274,12 +335,16 @@ def _check_regular_grid(ordered: list[_Instance], where: str) -> tuple[np.ndarra
                 f"{where}: images of different sizes in one series ({first.columns}x{first.rows} in "
                 f"{Path(first.path).name}, {inst.columns}x{inst.rows} in {Path(inst.path).name})."
             )
-        if inst.orientation is None or np.max(np.abs(np.subtract(inst.orientation, first.orientation))) > ORIENTATION_TOLERANCE:
+        if (inst.orientation is None or len(inst.orientation) != 6
+                or not np.max(np.abs(np.subtract(inst.orientation, first.orientation))) <= ORIENTATION_TOLERANCE):
             raise DicomSeriesError(f"{where}: the slices have different orientations ({Path(inst.path).name}); not one volume.")
-        if inst.pixel_spacing is None or np.max(np.abs(np.subtract(inst.pixel_spacing, first.pixel_spacing))) > 1e-4:
+        if (inst.pixel_spacing is None or len(inst.pixel_spacing) != 2
+                or not np.max(np.abs(np.subtract(inst.pixel_spacing, first.pixel_spacing))) <= 1e-4):
             raise DicomSeriesError(f"{where}: the slices have different pixel spacings ({Path(inst.path).name}).")
 
-    row_cosine, column_cosine = np.asarray(first.orientation[:3]), np.asarray(first.orientation[3:])
+    # Unit length up to rounding was checked above; normalise so the voxel size is exactly PixelSpacing.
+    row_cosine = np.asarray(first.orientation[:3]) / np.linalg.norm(first.orientation[:3])
+    column_cosine = np.asarray(first.orientation[3:]) / np.linalg.norm(first.orientation[3:])
     positions = np.asarray([i.position for i in ordered], dtype=np.float64)
     along_normal = positions @ np.cross(row_cosine, column_cosine)
     if len(ordered) > 1:
@@ -301,6 +366,20 @@ def _check_regular_grid(ordered: list[_Instance], where: str) -> tuple[np.ndarra
                 f"{gaps.max():.4g} mm (median {median:.4g} mm); the largest gap is between "
                 f"{Path(ordered[worst].path).name} and {Path(ordered[worst + 1].path).name}. "
                 f"Re-export the complete series."
+            )
+
+        # The slices must also lie on one straight line (checked in all three directions, not only along
+        # the normal): a slice displaced sideways would be drawn at the wrong place in every output.
+        step = (positions[-1] - positions[0]) / (len(ordered) - 1)
+        expected = positions[0] + np.arange(len(ordered))[:, None] * step
+        offsets = np.linalg.norm(positions - expected, axis=1)
+        limit = max(LATERAL_TOLERANCE * min(first.pixel_spacing), 0.01)
+        if float(offsets.max()) > limit:
+            worst = int(np.argmax(offsets))
+            raise DicomSeriesError(
+                f"{where}: slice {Path(ordered[worst].path).name} lies {offsets[worst]:.3g} mm away from where a "
+                f"regular series puts it (more than {limit:.3g} mm); the slices do not form one regular grid "
+                f"(displaced slice, or images of different reconstructions in one series). Re-export the series."
             )
 
     # pixel (column c, row r) lies at position + c * column_spacing * row_cosine + r * row_spacing * column_cosine
@@ -327,15 +406,33 @@ def _read_pixels(ordered: list[_Instance], where: str) -> np.ndarray:
         reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         image = reader.Execute()
+    except MemoryError:
+        raise InputTooLargeError(f"{where}: not enough memory to read its {len(ordered)} slices.") from None
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
-        raise CorruptFileError(f"{where}: the DICOM pixel data could not be decoded ({first_line}).") from None
+        raise CorruptFileError(
+            f"{where}: the DICOM pixel data could not be decoded{_damaged_files(ordered)} ({first_line}). "
+            f"The series is incomplete; re-export it."
+        ) from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise UnsupportedDimensionsError(f"{where}: colour (RGB) DICOM images are not CT volumes.")
     array = sitk.GetArrayFromImage(image)  # (k, j, i)
     if array.ndim == 2:
         array = array[np.newaxis]
     return array.transpose(2, 1, 0)
+
+
+def _damaged_files(ordered: list[_Instance]) -> str:
+    """`` in <names>`` of the files whose pixel data cannot be decoded one by one ('' if none is found)."""
+    import SimpleITK as sitk
+
+    damaged = []
+    for instance in ordered:
+        try:
+            sitk.ReadImage(instance.path)
+        except RuntimeError:
+            damaged.append(Path(instance.path).name)
+    return f" in {', '.join(damaged[:5])}{' ...' if len(damaged) > 5 else ''}" if damaged else ""
 
 
 def read_dicom_series(folder, series_uid: str | None = None) -> Volume:
@@ -345,7 +442,15 @@ def read_dicom_series(folder, series_uid: str | None = None) -> Volume:
     it is not yet checked for being CT (see :func:`UniversalSegLib.io.readers.read_volume`).
     """
     folder = _check_folder(folder)
-    grouped = _scan_folder(folder)
+    skipped: list[str] = []
+    grouped = _scan_folder(folder, skipped)
+    notes: list[str] = []
+    if skipped:
+        listed = "\n  ".join(skipped[:10]) + (f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+        message = (f"{folder}: skipped {len(skipped)} file(s) that could not be read as DICOM (damaged, or not "
+                   f"regular files); a missing slice of the chosen series would be refused below:\n  {listed}")
+        logger.warning(message)
+        notes.append(message)
     if not grouped:
         raise NoDicomError(
             f"No DICOM images found in folder {folder} (searched sub-folders too). "
@@ -353,7 +458,6 @@ def read_dicom_series(folder, series_uid: str | None = None) -> Volume:
         )
     infos = sorted((_series_info(instances) for instances in grouped.values()), key=_selection_key)
     chosen = select_series(infos, series_uid, where=str(folder))
-    notes: list[str] = []
     if len(infos) > 1 and series_uid is None:
         others = "\n  ".join(info.summary() for info in infos if info is not chosen)
         message = (
@@ -369,13 +473,15 @@ def read_dicom_series(folder, series_uid: str | None = None) -> Volume:
             f"{where}: only one slice; UniversalSeg needs a 3-D volume (a series of at least 2 slices)."
         )
     matrix_lps, _ = _check_regular_grid(ordered, where)
+    affine = validate_geometry(lps_to_ras(matrix_lps), where)  # before any pixel is allocated
+    check_image_size((ordered[0].columns, ordered[0].rows, len(ordered)), 4, where)
     array = _read_pixels(ordered, where)
     expected = (ordered[0].columns, ordered[0].rows, len(ordered))
     if array.shape != expected:
         raise CorruptFileError(f"{where}: decoded {array.shape} voxels, expected {expected} from the headers.")
     return Volume(
         array=array,
-        affine=lps_to_ras(matrix_lps),
+        affine=affine,
         source=str(folder),
         format="dicom",
         modality=chosen.modality,

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .atomic import atomic_output, prepare_output_path
-from .errors import DicomSegError
+from ..errors import DicomSegError, DicomSegInputError
 from .masks import validate_masks
 from .volume import Volume
 
@@ -71,9 +71,51 @@ def segment_description(number: int, info: Any):
     return description
 
 
-def _load_sources(volume: Volume) -> list:
+#: Source attributes a DICOM SEG must copy or reference.
+_REFERENCED_UIDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID")
+
+
+def _check_source(dataset, path, volume: Volume, first_orientation) -> None:
+    for keyword in _REFERENCED_UIDS:
+        if not str(dataset.get(keyword, "") or ""):
+            raise DicomSegInputError(
+                f"Source DICOM file {path} has no {keyword} (anonymised with blank UIDs?); a DICOM SEG "
+                f"cannot reference it. Write a .seg.nrrd or NIfTI instead (--format nifti,seg.nrrd)."
+            )
+    try:
+        size = (int(dataset.Columns), int(dataset.Rows))
+        orientation = [float(v) for v in dataset.ImageOrientationPatient]
+    except (AttributeError, TypeError, ValueError):
+        raise DicomSegInputError(f"Source DICOM file {path} lacks a readable size or ImageOrientationPatient.") from None
+    if size != volume.shape[:2]:
+        raise DicomSegInputError(f"Source DICOM file {path} is {size[0]}x{size[1]}, the volume {volume.shape[:2]}.")
+    if first_orientation is not None and max(abs(a - b) for a, b in zip(orientation, first_orientation)) > 1e-3:
+        raise DicomSegInputError(f"Source DICOM file {path} has another orientation than the first slice of its series.")
+
+
+def check_dicom_seg_sources(volume: Volume) -> None:
+    """Everything a DICOM SEG needs from the source series, checked from the headers only (before the
+    network runs): a DICOM input, one file per slice, the UIDs it must reference, one size and orientation.
+
+    Raises :class:`DicomSegError` (exit code 5) for a non-DICOM input and :class:`DicomSegInputError` (exit
+    code 3) for a series that cannot be referenced.
+    """
     import pydicom
 
+    _check_volume_is_dicom(volume)
+    first = None
+    for path in volume.dicom_files:
+        try:
+            dataset = pydicom.dcmread(path, stop_before_pixels=True,
+                                      specific_tags=[*_REFERENCED_UIDS, "Rows", "Columns", "ImageOrientationPatient"])
+        except Exception as error:  # noqa: BLE001 - any read failure means the same thing here
+            raise DicomSegInputError(f"Cannot re-read source DICOM file {path} ({error}).") from None
+        _check_source(dataset, path, volume, first)
+        if first is None:
+            first = [float(v) for v in dataset.ImageOrientationPatient]
+
+
+def _check_volume_is_dicom(volume: Volume) -> None:
     if volume.format != "dicom" or not volume.dicom_files:
         raise DicomSegError(
             f"A DICOM SEG must reference the DICOM images it segments, but {volume.source} was read from a "
@@ -84,23 +126,26 @@ def _load_sources(volume: Volume) -> list:
             f"The volume has {volume.shape[2]} slices but references {len(volume.dicom_files)} DICOM files; "
             f"it no longer matches its DICOM series (was it cropped or resampled?)."
         )
+
+
+def _load_sources(volume: Volume) -> list:
+    import pydicom
+
+    _check_volume_is_dicom(volume)
     sources = []
     for path in volume.dicom_files:
         try:
             dataset = pydicom.dcmread(path)
         except Exception as error:  # noqa: BLE001 - any read failure means the same thing here
-            raise DicomSegError(f"Cannot re-read source DICOM file {path} ({error}).") from None
-        for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):
-            if not str(dataset.get(keyword, "") or ""):
-                raise DicomSegError(
-                    f"Source DICOM file {path} has no {keyword} (anonymised with blank UIDs?); a DICOM SEG "
-                    f"cannot reference it. Write a .seg.nrrd or NIfTI instead."
-                )
+            raise DicomSegInputError(f"Cannot re-read source DICOM file {path} ({error}).") from None
+        _check_source(dataset, path, volume, sources[0].ImageOrientationPatient if sources else None)
         if "SpecificCharacterSet" in dataset and not str(dataset.SpecificCharacterSet or "").strip():
             # An empty value means the default repertoire; highdicom rejects the empty string itself.
             del dataset.SpecificCharacterSet
-        if (int(dataset.Columns), int(dataset.Rows)) != volume.shape[:2]:
-            raise DicomSegError(f"Source DICOM file {path} is {dataset.Columns}x{dataset.Rows}, the volume {volume.shape[:2]}.")
+        if sources:
+            # Orientations equal up to header rounding (checked when the series was read) are made
+            # identical: highdicom requires one shared orientation.
+            dataset.ImageOrientationPatient = sources[0].ImageOrientationPatient
         sources.append(dataset)
     return sources
 

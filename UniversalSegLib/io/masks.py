@@ -19,11 +19,9 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .errors import InvalidMaskError
+from ..errors import InvalidMaskError
+from ..taxonomy import KIND_PRIORITY
 from .volume import Volume
-
-#: Priority of each class kind in a label map (higher is painted later and wins).
-KIND_PRIORITY = {"tumor": 3, "cyst": 3, "vessel": 2, "organ": 1}
 
 OVERLAP_RULE = (
     "Where classes overlap, the label map holds one of them: tumour/cyst over vessel over organ; among "
@@ -160,12 +158,6 @@ def validate_masks(volume: Volume, masks: Mapping[int, np.ndarray], classes: Any
 def _priority(info: Any, count: int, index: int) -> tuple[int, int, int]:
     """Sort key of the overlap rule (module docstring): higher wins."""
     return (KIND_PRIORITY.get(getattr(info, "kind", ""), 0), -count, -index)
-
-
-def paint_order(masks: Mapping[int, np.ndarray], table: Mapping[int, Any]) -> list[int]:
-    """Class indices in the order to paint them into a label map (the last one wins; see module docstring)."""
-    counts = {index: int(np.count_nonzero(mask)) for index, mask in masks.items()}
-    return sorted(masks, key=lambda index: _priority(table[index], counts[index], index))
 
 
 #: Voxels handled at a time by the slab loops below: bounds the temporaries of a fine CT (512 x 512 x 800)

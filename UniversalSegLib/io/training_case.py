@@ -7,7 +7,7 @@ A case is three files in one folder, named from a case id ``<id>`` (letters, dig
 * ``<id>_labels.nii.gz``: a label map on exactly the CT's grid whose values are taxonomy class indices
   (uint8, uint16 for indices > 255). Overlaps are resolved lesion over vessel over organ (the rule of
   :mod:`.masks`), so a liver-tumour voxel holds 27; the reader re-derives "the liver includes its tumour"
-  from ``ClassInfo.parent_organs`` (organ channels include their lesions, SPEC s.1);
+  from ``ClassInfo.parent_organs`` (organ channels include their lesions, as in the official training);
 * ``<id>.case.json``: which classes were annotated (checked by a person or a curated dataset). Every other
   class is UNKNOWN in this case, never background: the training loss ignores it.
 
@@ -35,7 +35,8 @@ import numpy as np
 
 from ..taxonomy import Taxonomy, TaxonomyError, get_taxonomy
 from .atomic import AtomicOutputGroup, prepare_output_path
-from .errors import InputNotFoundError, UniversalSegIOError
+from ..errors import InputNotFoundError, TrainingCaseError
+from ..helpers import bounding_box
 from .masks import label_map_from_masks, validate_masks
 from .volume import Volume, spacing_from_affine
 from .writers import nifti_image
@@ -56,10 +57,6 @@ CASE_JSON_SUFFIX = ".case.json"
 _CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 #: Two grids are "the same" when their affines agree to this many millimetres.
 _GRID_TOLERANCE_MM = 1e-3
-
-
-class TrainingCaseError(UniversalSegIOError, ValueError):
-    """A training case cannot be written or read (bad case id, inconsistent files, unknown classes...)."""
 
 
 # ------------------------------------------------------------------------------------------------ the case
@@ -168,7 +165,7 @@ def _split_lesion_by_nearest_organ(labels, lesion, parents, spacing) -> dict[int
     if not parent_voxels.any():
         return {}
     # Work in the bounding box of lesion + parents: the distance transform is the costly step.
-    box = _bounding_box(lesion | parent_voxels)
+    box = bounding_box(lesion | parent_voxels)
     sub_labels, sub_lesion, sub_parents = labels[box], lesion[box], parent_voxels[box]
     _, nearest = ndimage.distance_transform_edt(~sub_parents, sampling=spacing, return_indices=True)
     nearest_label = sub_labels[tuple(nearest)]
@@ -182,15 +179,6 @@ def _split_lesion_by_nearest_organ(labels, lesion, parents, spacing) -> dict[int
         full[box] = voxels
         result[organ] = result[organ] | full if organ in result else full
     return result
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
 
 
 # ---------------------------------------------------------------------------------------------- file names

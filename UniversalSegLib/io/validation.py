@@ -1,4 +1,7 @@
-"""Checks that a freshly read volume can be segmented: sane geometry, finite values, CT in HU.
+"""Checks that a volume can be segmented: sane geometry, a size that fits in memory, finite values, CT in HU.
+
+These are the only input checks of UniversalSeg: the readers run them on every file, and preprocessing
+runs the geometry check again on arrays handed to it directly (the Python API, the Slicer module).
 
 The CT check looks at the intensity distribution because most file formats (NIfTI, NRRD, MetaImage)
 do not say which modality they hold. The rule (:func:`check_ct_intensities`) relies on two facts of
@@ -11,16 +14,37 @@ its rescale intercept), so both fail the air test.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidGeometryError, InvalidVoxelValuesError, NotCTError
+from ..errors import (
+    InputTooLargeError,
+    InvalidGeometryError,
+    InvalidVoxelValuesError,
+    NotCTError,
+    UnsupportedDimensionsError,
+)
 
 #: A voxel size below this (mm) is not a medical image grid (a header with missing units, or a 0).
 MIN_SPACING_MM = 0.01
-#: A voxel size above this (mm) is not a diagnostic CT (a header in wrong units, e.g. cm vs um).
-MAX_SPACING_MM = 100.0
+#: A voxel size above this (mm) is not a diagnostic CT (clinical slices are at most ~10 mm thick; larger
+#: values almost always mean a header in wrong units, e.g. cm vs um, or a damaged header).
+MAX_SPACING_MM = 20.0
+#: Voxel axes whose directions deviate from perpendicular by less than this (cosine of the angle between
+#: them) are rounding noise of the header and are made exactly perpendicular; beyond it the grid is sheared
+#: (for example a gantry-tilted CT), which ITK-based readers (SimpleITK, 3D Slicer) cannot represent.
+ORTHOGONALITY_TOLERANCE = 1e-4
+#: Below this, direction rounding (float32 NIfTI headers: ~1e-7) is left as it is, so that well-formed
+#: inputs keep their exact affine.
+DIRECTION_NOISE = 1e-6
+#: Most voxels an input or a resampled image may have: 2^31 (e.g. 1024 x 1024 x 2048), beyond any CT scan
+#: and beyond the 32-bit indexing of several libraries underneath.
+MAX_VOXELS = 2**31
+#: Share of the memory the operating system reports as available that one allocation may use (the rest is
+#: for the model, the masks and the other programs).
+MEMORY_HEADROOM = 0.9
 
 #: Voxels below this value (HU) are air or lung.
 AIR_THRESHOLD_HU = -500.0
@@ -37,24 +61,124 @@ MAX_P99_HU = 4000.0
 CT_CHECK_MAX_SAMPLES = 2_000_000
 
 
-def validate_geometry(affine: np.ndarray, source: str) -> None:
-    """Raise :class:`InvalidGeometryError` unless the IJK->RAS affine is finite, invertible and the
-    voxel sizes lie in [MIN_SPACING_MM, MAX_SPACING_MM]."""
+def _format_bytes(n_bytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n_bytes < 1024 or unit == "PiB":
+            return f"{n_bytes:.0f} {unit}" if unit == "bytes" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024.0
+    return f"{n_bytes:.1f} PiB"  # pragma: no cover
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process can still allocate: the operating system's ``MemAvailable``, lowered to the
+    remaining room of a cgroup (container) memory limit; None when neither is known."""
+    limits = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as handle:
+            limit = handle.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current", encoding="ascii") as handle:
+                limits.append(max(0, int(limit) - int(handle.read().strip())))
+    except (OSError, ValueError):
+        pass
+    if not limits:
+        try:
+            limits.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    return min(limits)
+
+
+def check_allocation(n_bytes: int, what: str, source: str) -> None:
+    """Raise :class:`InputTooLargeError` when ``what`` (``n_bytes``) exceeds the memory available now."""
+    available = available_memory_bytes()
+    if available is not None and n_bytes > MEMORY_HEADROOM * available:
+        raise InputTooLargeError(
+            f"{source}: {what} needs {_format_bytes(n_bytes)} of memory, but only {_format_bytes(available)} "
+            f"is available on this machine. Use a machine with more memory, or crop/downsample the image first."
+        )
+
+
+def check_image_size(shape, itemsize: int, source: str, what: str = "the image") -> None:
+    """Refuse a header that claims more than :data:`MAX_VOXELS` voxels, or more bytes than the memory
+    available, before any voxel is allocated. ``itemsize``: bytes per voxel of the array to be made."""
+    dims = [int(n) for n in shape]
+    if any(n <= 0 for n in dims):
+        raise UnsupportedDimensionsError(f"{source}: {what} has an empty or negative size {tuple(dims)}.")
+    n_voxels = math.prod(dims)
+    size = " x ".join(str(n) for n in dims)
+    if n_voxels > MAX_VOXELS:
+        raise InputTooLargeError(
+            f"{source}: {what} would have {size} = {n_voxels:,} voxels, more than the {MAX_VOXELS:,} UniversalSeg "
+            f"accepts (no CT scan is that large; the header is probably damaged or in wrong units)."
+        )
+    check_allocation(n_voxels * int(itemsize), f"{what} ({size} voxels, {int(itemsize)} bytes each)", source)
+
+
+def _describe_axes(spacing: np.ndarray) -> str:
+    return ", ".join(f"{s:g}" for s in spacing)
+
+
+def validate_geometry(affine: np.ndarray, source: str) -> np.ndarray:
+    """Check an IJK->RAS affine and return it with header rounding noise removed.
+
+    The one geometry check of UniversalSeg, used when a file is read and again before preprocessing.
+    Raises :class:`InvalidGeometryError` unless the affine is a finite 4x4 matrix with last row
+    [0, 0, 0, 1], its voxel sizes lie in [MIN_SPACING_MM, MAX_SPACING_MM], and its axes are perpendicular
+    (within :data:`ORTHOGONALITY_TOLERANCE`). Directions that are perpendicular only up to rounding (more than
+    :data:`DIRECTION_NOISE` off) are made
+    exactly perpendicular (nearest rotation, voxel sizes and origin kept), so that every writer stores a
+    grid that ITK-based readers accept.
+
+    Sheared grids (gantry-tilted CT) are refused rather than resampled: every output must lie on the
+    input's own voxel grid, and a sheared grid cannot be stored in NRRD/MetaImage or read by ITK/Slicer.
+    """
     affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise InvalidGeometryError(f"{source}: the affine must be a 4x4 IJK->RAS matrix, got shape {affine.shape}.")
     if not np.all(np.isfinite(affine)):
         raise InvalidGeometryError(f"{source}: the image orientation/position contains NaN or infinite numbers.")
+    if not np.allclose(affine[3], [0.0, 0.0, 0.0, 1.0]):
+        raise InvalidGeometryError(f"{source}: the last row of the affine must be [0, 0, 0, 1], got {affine[3].tolist()}.")
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     for axis, size in zip("ijk", spacing):
         if not (MIN_SPACING_MM <= size <= MAX_SPACING_MM):
             raise InvalidGeometryError(
                 f"{source}: implausible voxel size {size:g} mm along axis {axis} "
-                f"(spacing {', '.join(f'{s:g}' for s in spacing)} mm); expected between "
+                f"(spacing {_describe_axes(spacing)} mm); expected between "
                 f"{MIN_SPACING_MM:g} and {MAX_SPACING_MM:g} mm. The header's spacing or units are probably wrong."
             )
-    # Columns almost parallel: the grid is degenerate even though each axis has a sane length.
-    unit_axes = affine[:3, :3] / spacing
-    if abs(np.linalg.det(unit_axes)) < 1e-3:
-        raise InvalidGeometryError(f"{source}: the voxel axes are (almost) parallel; the orientation in the header is invalid.")
+    directions = affine[:3, :3] / spacing
+    # |det| of the unit columns is 1 for perpendicular axes and 0 for parallel ones.
+    if abs(np.linalg.det(directions)) < 1e-3:
+        raise InvalidGeometryError(
+            f"{source}: the affine is singular: two voxel axes point in (almost) the same direction (parallel), "
+            f"so voxel positions are undefined. The orientation in the header is invalid."
+        )
+    cosines = directions.T @ directions
+    skew = float(np.max(np.abs(cosines - np.eye(3))))
+    if skew > ORTHOGONALITY_TOLERANCE:
+        angle = float(np.degrees(np.arcsin(min(1.0, skew))))
+        raise InvalidGeometryError(
+            f"{source}: the voxel grid is sheared (its axes are {angle:.3g} degrees from perpendicular), as in a "
+            f"CT acquired with gantry tilt. UniversalSeg writes its results on the input's own grid, and a "
+            f"sheared grid cannot be stored in a form SimpleITK or 3D Slicer can read. Resample the scan onto a "
+            f"regular grid first (dcm2niix corrects gantry tilt; in 3D Slicer, enable acquisition geometry "
+            f"regularization when loading the DICOM series and harden the transform), then segment that volume."
+        )
+    if skew > DIRECTION_NOISE:
+        u, _, vt = np.linalg.svd(directions)  # nearest rotation (polar decomposition)
+        affine = affine.copy()
+        affine[:3, :3] = (u @ vt) * spacing
+    return affine
 
 
 def check_finite_values(array: np.ndarray, source: str, force: bool = False) -> int:

@@ -28,7 +28,8 @@ import numpy as np
 
 from .atomic import AtomicOutputGroup, ensure_writable_folder, prepare_output_path
 from .dicom_seg import write_dicom_seg
-from .errors import UnsupportedFormatError
+from ..errors import UnsupportedFormatError
+from ..helpers import voxel_volume_ml
 from .masks import OVERLAP_RULE, label_voxel_counts, paint_label_map, validate_masks
 from .seg_nrrd import write_seg_nrrd
 from .volume import Volume
@@ -101,7 +102,7 @@ def _color_table_rows(masks: Mapping[int, np.ndarray], table: Mapping[int, Any])
 
 
 def _label_table(path: Path, volume: Volume, counts: Mapping[int, int], table, labels: np.ndarray) -> dict:
-    voxel_ml = float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+    voxel_ml = voxel_volume_ml(volume.affine)
     visible = label_voxel_counts(labels, minlength=max(counts, default=0) + 1)
     entries = []
     for index, count in counts.items():

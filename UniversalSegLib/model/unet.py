@@ -84,6 +84,11 @@ class UNet3DBackbone(nn.Module):
         self.deep_channels = 16 * b
         self.out_channels = 2 * b
 
+    @classmethod
+    def kwargs_from_state(cls, state) -> dict:
+        """``base_channels`` of the backbone that produced ``state`` (model key names)."""
+        return {"base_channels": int(state["backbone.down_tr64.ops.0.conv1.weight"].shape[0])}
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x64, skip64 = self.down_tr64(x)
         x128, skip128 = self.down_tr128(x64)

@@ -8,20 +8,18 @@ are evaluated, which makes a 2-class request much cheaper than 32 classes in the
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import lean
-from .swin_unetr import SwinUNETRBackbone
-from .unet import UNet3DBackbone
+from ..backbones import get_backbone
+from ..settings import ModelConfig
+from . import low_memory
 
-__all__ = ["BACKBONES", "ModelConfig", "UniversalModel", "HEAD_PARAMS"]
+__all__ = ["ModelConfig", "UniversalModel", "HEAD_PARAMS"]
 
-BACKBONES = ("swinunetr", "unet")
 HEAD_CHANNELS = 8
 # Per class: W1 (8x8), W2 (8x8), W3 (1x8), b1 (8), b2 (8), b3 (1), in this order (official layout).
 _HEAD_SPLITS = (HEAD_CHANNELS * HEAD_CHANNELS, HEAD_CHANNELS * HEAD_CHANNELS, HEAD_CHANNELS, HEAD_CHANNELS, HEAD_CHANNELS, 1)
@@ -29,47 +27,6 @@ HEAD_PARAMS = sum(_HEAD_SPLITS)  # 153
 _GAP_CHANNELS = 256
 # Bytes of head intermediates per chunk of classes; bounds memory for 32 classes on big windows.
 _HEAD_CHUNK_BYTES = 64 * 2**20
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture of a Universal Model. The defaults are the official (released) sizes."""
-
-    backbone: str = "swinunetr"
-    num_classes: int = 32
-    embedding_dim: int = 512
-    feature_size: int = 48  # Swin UNETR only
-    num_heads: Sequence[int] = (3, 6, 12, 24)  # Swin UNETR only
-    base_channels: int = 32  # U-Net only
-    norm_groups: int = 16
-
-    def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"Unknown backbone {self.backbone!r}; expected one of {', '.join(BACKBONES)}.")
-        if self.num_classes < 1:
-            raise ValueError(f"A model needs at least one class, got num_classes={self.num_classes}.")
-        object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
-
-    @classmethod
-    def small(cls, backbone: str, num_classes: int = 32, embedding_dim: int = 512) -> "ModelConfig":
-        """A reduced-width configuration (same structure, ~1/16 of the compute) for tests and demos."""
-        return cls(backbone=backbone, num_classes=num_classes, embedding_dim=embedding_dim,
-                   feature_size=16, num_heads=(1, 2, 4, 8), base_channels=8)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["num_heads"] = list(self.num_heads)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-    @property
-    def spatial_multiple(self) -> int:
-        """Input sizes must be multiples of this (Swin: 5 halvings; U-Net: 3 poolings)."""
-        return 32 if self.backbone == "swinunetr" else 8
 
 
 class UniversalModel(nn.Module):
@@ -82,10 +39,7 @@ class UniversalModel(nn.Module):
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
         self.config = cfg = config or ModelConfig()
-        if cfg.backbone == "swinunetr":
-            self.backbone = SwinUNETRBackbone(feature_size=cfg.feature_size, num_heads=cfg.num_heads)
-        else:
-            self.backbone = UNet3DBackbone(base_channels=cfg.base_channels)
+        self.backbone = get_backbone(cfg.backbone).build(**cfg.backbone_kwargs)
         deep, out = self.backbone.deep_channels, self.backbone.out_channels
         self.precls_conv = nn.Sequential(
             nn.GroupNorm(cfg.norm_groups, out), nn.ReLU(inplace=True), nn.Conv3d(out, HEAD_CHANNELS, kernel_size=1)
@@ -109,11 +63,11 @@ class UniversalModel(nn.Module):
             raise ValueError(f"Expected input (B, 1, D, H, W) with D, H, W multiples of {m} and at least {2 * m} "
                              f"(the deepest feature needs 2 voxels per axis); got {tuple(x.shape)}.")
         deepest, decoded = self.backbone(x)
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not torch.jit.is_tracing():  # exporters cannot follow in-place views
             # `decoded` is ours alone: normalise it in place instead of allocating another full-size map.
             params = self.dynamic_params(deepest, channels)
             norm, act, conv = self.precls_conv
-            shared = conv(act(lean.group_norm_(decoded, norm)))
+            shared = conv(act(low_memory.group_norm_(decoded, norm)))
             del decoded
             if shared.shape[0] == 1:  # the sliding window's case: no stacking copy
                 return apply_dynamic_head(shared[0], params[0])[None]

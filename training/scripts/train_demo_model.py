@@ -22,10 +22,10 @@ import numpy as np
 
 from UniversalSegLib.checkpoints import load_checkpoint, save_checkpoint
 from UniversalSegLib.taxonomy import Taxonomy
+from UniversalSegLib.preprocess import PreprocessingParameters
 from universalseg_training.config import TrainConfig
 from universalseg_training.experiment import score_on_phantoms
 from universalseg_training.phantoms import write_phantom_datasets
-from universalseg_training.preprocessing import TrainingPreprocessing
 from universalseg_training.sampling import SamplingConfig
 from universalseg_training.trainer import train
 
@@ -59,7 +59,7 @@ def main() -> None:
     config = TrainConfig(
         datasets=tuple(str(p) for p in specs), output_dir=str(args.work / "run"), backbone="unet", model_size="tiny",
         embedding="onehot", classes=CLASSES, steps=args.steps, batch_size=2, lr=2e-3, warmup_steps=30, seed=SEED,
-        preprocessing=TrainingPreprocessing(spacing=(4.8, 4.8, 4.8)), sampling=SamplingConfig(roi_size=(32, 32, 32)),
+        preprocessing=PreprocessingParameters(spacing=(4.8, 4.8, 4.8)), sampling=SamplingConfig(roi_size=(32, 32, 32)),
         checkpoint_every=50, log_every=25, threads=args.threads, progress=True)
     start = time.perf_counter()
     result = train(config)

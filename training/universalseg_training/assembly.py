@@ -9,7 +9,7 @@ the masks derived afterwards, exactly (see :func:`class_masks_from_maps`).
 Left/right splitting: a raw label that covers both sides of a paired organ ("kidney") is split by the
 position of each connected component in PATIENT coordinates: its RAS x compared with the body's midline
 (the centre of the body's voxels in the component's slab). A single component (one kidney) is therefore
-labelled correctly, unlike the official ``rl_split`` that always calls it "right" (SPEC s.2.3); a component
+labelled correctly, unlike the official ``rl_split`` that always calls it "right"; a component
 that straddles the midline (a horseshoe kidney) is cut at the midline.
 """
 from __future__ import annotations
@@ -183,8 +183,9 @@ def harmonise_labels(raw: np.ndarray, affine: np.ndarray, spec: DatasetSpec, ima
     unknown = [v for v in values if v not in spec.targets]
     if unknown and spec.unlisted == "error":
         raise AssemblyError(
-            f"{where or spec.name}: label values {unknown} are not listed in the dataset specification's 'classes' "
-            f"({spec.source}); map them to classes, set them to null, or set unlisted: drop."
+            f"{where or spec.name}: label values {unknown} are not listed in 'classes' of the dataset specification "
+            f"{spec.source} (listed: {sorted(spec.targets)}). Map each to a class (e.g. '{unknown[0]}: liver'), set "
+            f"it to null to drop it, or set 'unlisted: drop' to treat every unlisted value as background."
         )
     dtype = np.uint8 if max(taxonomy.indices) <= 255 else np.uint16
     labels = np.zeros(raw.shape, dtype=dtype)
@@ -231,4 +232,4 @@ def load_case(spec: DatasetSpec, case: CaseFiles) -> HarmonisedCase:
         )
     labels, host = harmonise_labels(raw, volume.affine, spec, np.asarray(volume.array), where=str(case.labels))
     return HarmonisedCase(case.case_id, spec.name, np.asarray(volume.array), volume.affine, labels, host,
-                          spec.annotated, dict(spec.includes))
+                          spec.annotated_for(case.case_id), dict(spec.includes))

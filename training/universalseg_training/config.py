@@ -6,10 +6,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from .preprocessing import TrainingPreprocessing
+from UniversalSegLib.backbones import backbone_names
+
+from .preprocessing import PreprocessingParameters, preprocessing_from_dict
 from .sampling import SamplingConfig
 
-__all__ = ["TrainConfig", "ConfigError"]
+__all__ = ["TrainConfig", "ConfigError", "apply_overrides"]
 
 
 class ConfigError(ValueError):
@@ -18,73 +20,90 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run needs; saved in every checkpoint.
+    """Everything a training run needs; saved in every checkpoint. Every key is documented in
+    training/README.md ("Configuration reference"); the groups:
 
-    Data: ``datasets`` (dataset specification files), ``validation`` (specs of held-out datasets),
-    ``cache_dir`` (default ``<output_dir>/cache``). Model: ``backbone`` (unet, swinunetr), ``model_size``
-    (official, small, tiny), ``classes`` (names/indices; default all 32), ``embedding`` (auto = CLIP when its
-    weights are found, else one-hot; clip; onehot), ``init_checkpoint`` (fine-tune from a checkpoint,
-    official ``.pth`` or ours) and ``finetune`` (all: every weight; new_embeddings: only the embeddings of
-    classes the checkpoint does not know are learnt, so the old classes' outputs stay exactly as they were).
-    Optimisation: AdamW (``lr``, ``weight_decay``), linear warm-up for ``warmup_steps`` then cosine decay
-    to ``min_lr`` at ``steps``; ``batch_size`` crops per process and step; ``loss`` masked (the method) or
-    naive (unannotated = background, the baseline); ``dice`` volume or slice. Runtime: ``device`` (auto,
-    cpu, cuda), ``precision`` (auto = bf16 on a GPU that supports it, else float32), ``threads``,
-    ``num_workers``, ``seed``. Bookkeeping: ``checkpoint_every``, ``keep_checkpoints``, ``log_every``,
-    ``validate_every`` (0 = only at the end when validation datasets are given), ``progress``.
+    Data: ``datasets``, ``validation``, ``cache_dir``, ``cache_memory_mb``. Model: ``backbone``,
+    ``model_size``, ``classes``, ``embedding``/``embedding_file``/``clip_weights``, ``init_checkpoint``,
+    ``finetune``, ``pretrained_backbone``. Optimisation: ``steps``, ``batch_size``, ``lr``, ``weight_decay``,
+    ``warmup_steps``, ``min_lr``, ``grad_clip``, ``loss``, ``dice``, ``preprocessing``, ``sampling``.
+    Runtime: ``device``, ``precision``, ``threads``, ``num_workers``, ``seed``,
+    ``distributed_timeout_minutes``. Bookkeeping: ``checkpoint_every``, ``keep_checkpoints``, ``log_every``,
+    ``validate_every``, ``validation_overlap``, ``validation_postprocess``, ``progress``, ``tensorboard``,
+    ``plot``.
     """
 
     datasets: tuple[str, ...] = ()
     output_dir: str = "runs/universalseg"
     cache_dir: str | None = None
+    cache_memory_mb: float = 0.0
     validation: tuple[str, ...] = ()
     backbone: str = "unet"
     model_size: str = "official"
     classes: tuple[str, ...] | None = None
     embedding: str = "auto"
+    embedding_file: str | None = None
     clip_weights: str | None = None
     init_checkpoint: str | None = None
     finetune: str = "all"
+    pretrained_backbone: str | None = None
     steps: int = 1000
     batch_size: int = 2
     lr: float = 1e-4
     weight_decay: float = 1e-5
     warmup_steps: int = 100
     min_lr: float = 0.0
+    grad_clip: float = 0.0
     loss: str = "masked"
     dice: str = "volume"
-    preprocessing: TrainingPreprocessing = field(default_factory=TrainingPreprocessing)
+    preprocessing: PreprocessingParameters = field(default_factory=PreprocessingParameters)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     device: str = "auto"
     precision: str = "auto"
     threads: int | None = None
     num_workers: int = 0
     seed: int = 0
+    distributed_timeout_minutes: float = 30.0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
     validate_every: int = 0
     validation_overlap: float = 0.25
+    validation_postprocess: str = "fixed"
     progress: bool = True
     tensorboard: bool = True
+    plot: bool = True
 
     def __post_init__(self) -> None:
-        choices = {"backbone": ("unet", "swinunetr"), "model_size": ("official", "small", "tiny"),
-                   "embedding": ("auto", "clip", "onehot"), "finetune": ("all", "new_embeddings"),
+        choices = {"backbone": backbone_names(), "model_size": ("official", "small", "tiny"),
+                   "embedding": ("auto", "clip", "onehot", "file"), "finetune": ("all", "new_embeddings"),
                    "loss": ("masked", "naive"), "dice": ("volume", "slice"),
-                   "precision": ("auto", "float32", "bfloat16", "float16")}
+                   "precision": ("auto", "float32", "bfloat16", "float16"),
+                   "validation_postprocess": ("none", "fixed", "official")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1; got {getattr(self, name)!r}")
-        if self.warmup_steps < 0 or self.validate_every < 0 or self.num_workers < 0:
-            raise ConfigError("warmup_steps, validate_every and num_workers cannot be negative")
+        for name in ("warmup_steps", "validate_every", "num_workers", "grad_clip", "cache_memory_mb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} cannot be negative; got {getattr(self, name)!r}")
+        if self.distributed_timeout_minutes <= 0:
+            raise ConfigError("distributed_timeout_minutes must be positive (minutes a process waits for the others)")
+        if self.warmup_steps > self.steps:
+            raise ConfigError(
+                f"warmup_steps ({self.warmup_steps}) is larger than steps ({self.steps}): the learning rate would "
+                f"never reach lr. Set warmup_steps to at most steps (the official recipe warms up for 5% of training: "
+                f"warmup_steps = {max(1, self.steps // 20)} here), or raise steps.")
         if not self.datasets:
             raise ConfigError("datasets: give at least one dataset specification file")
         if self.finetune == "new_embeddings" and not self.init_checkpoint:
             raise ConfigError("finetune: new_embeddings needs init_checkpoint (the model whose classes are kept)")
+        if self.embedding == "file" and not self.embedding_file:
+            raise ConfigError("embedding: file needs embedding_file (e.g. the official txt_encoding.pth)")
+        if self.pretrained_backbone and self.init_checkpoint:
+            raise ConfigError("pretrained_backbone and init_checkpoint both set the initial weights; give one of them")
 
     @property
     def cache_path(self) -> Path:
@@ -107,7 +126,10 @@ class TrainConfig:
             raise ConfigError(f"unknown training settings: {', '.join(sorted(unknown))}")
         values = dict(data)
         if "preprocessing" in values and isinstance(values["preprocessing"], Mapping):
-            values["preprocessing"] = TrainingPreprocessing.from_dict(values["preprocessing"])
+            try:
+                values["preprocessing"] = preprocessing_from_dict(values["preprocessing"])
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"preprocessing: {error}") from None
         if "sampling" in values and isinstance(values["sampling"], Mapping):
             try:
                 values["sampling"] = SamplingConfig.from_dict(values["sampling"])
@@ -122,7 +144,8 @@ class TrainConfig:
             for key in ("datasets", "validation"):
                 if values.get(key):
                     values[key] = tuple(str(base / p) for p in values[key])
-            for key in ("output_dir", "cache_dir", "init_checkpoint", "clip_weights"):
+            for key in ("output_dir", "cache_dir", "init_checkpoint", "clip_weights", "embedding_file",
+                        "pretrained_backbone"):
                 if values.get(key):
                     values[key] = str(base / values[key])
         try:
@@ -144,3 +167,25 @@ class TrainConfig:
             data = json.loads(text)
         config = cls.from_dict(data, base_dir=path.parent)
         return replace(config, **overrides) if overrides else config
+
+
+def apply_overrides(data: Mapping[str, Any], items: list[str]) -> dict:
+    """``data`` with ``key=value`` overrides applied; dotted keys reach nested settings
+    (``sampling.roi_size=[64,64,64]``). Values are JSON (numbers, lists, true/false, null) or plain text."""
+    result = json.loads(json.dumps(data))  # a deep copy of plain data
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value (e.g. sampling.num_samples=4), got {item!r}")
+        key, text = item.split("=", 1)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        *parents, leaf = key.strip().split(".")
+        node = result
+        for depth, part in enumerate(parents):
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parents[:depth + 1])} is not a group of settings")
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return result

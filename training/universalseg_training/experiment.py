@@ -22,11 +22,12 @@ from typing import Sequence
 
 import numpy as np
 
-from UniversalSegLib.phantom import generate_phantom
+from UniversalSegLib.phantom import PHANTOM_DATASETS, generate_phantom
+from UniversalSegLib.preprocess import PreprocessingParameters
+from UniversalSegLib.taxonomy import get_taxonomy
 
 from .config import TrainConfig
-from .phantoms import write_phantom_datasets
-from .preprocessing import TrainingPreprocessing
+from .phantoms import write_phantom_dataset
 from .sampling import SamplingConfig
 from .trainer import train
 
@@ -63,6 +64,16 @@ def score_on_phantoms(checkpoint: str | Path, seeds: Sequence[int], shape=(96, 9
     return scores
 
 
+def _pinned_sampling(dataset: str) -> dict:
+    """The crops this experiment was measured with (README table): lesion-weighted crops and zoom for every
+    dataset that labels a lesion, with the zoom applied to each crop (``zoom_before_crop=False``). Pinned so
+    that the presets' official per-dataset sampling does not change the published experiment."""
+    taxonomy = get_taxonomy()
+    names = [n for n in PHANTOM_DATASETS[dataset]["labels"].values() if n not in ("bone", "heart")]
+    lesions = any(info.is_lesion for name in names for info in taxonomy.resolve(name))
+    return {"crops": "lesions" if lesions else "pos_neg", "zoom": lesions}
+
+
 def masked_vs_naive(folder: str | Path, datasets: Sequence[str] = ("lits", "msd_spleen"),
                     classes: Sequence[str] = ("liver", "spleen"), cases: int = 3, steps: int = 40,
                     batch_size: int = 2, roi: int = 32, spacing: float = 6.4, phantom_shape: int = 48,
@@ -72,13 +83,14 @@ def masked_vs_naive(folder: str | Path, datasets: Sequence[str] = ("lits", "msd_
     folder = Path(folder)
     shape = (phantom_shape,) * 3
     grid = (spacing,) * 3
-    specs = write_phantom_datasets(folder / "data", list(datasets), cases=cases, base_seed=seed, shape=shape,
-                                   spacing=grid)
+    specs = [write_phantom_dataset(folder / "data", name, cases, base_seed=seed, shape=shape, spacing=grid,
+                                   sampling=_pinned_sampling(name)) for name in datasets]
     base = TrainConfig(
         datasets=tuple(str(p) for p in specs), output_dir=str(folder / "masked"), cache_dir=str(folder / "cache"),
         backbone="unet", model_size=model_size, embedding="onehot", classes=tuple(classes), steps=steps,
         batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 10), seed=seed,
-        preprocessing=TrainingPreprocessing(spacing=grid), sampling=SamplingConfig(roi_size=(roi, roi, roi)),
+        preprocessing=PreprocessingParameters(spacing=grid),
+        sampling=SamplingConfig(roi_size=(roi, roi, roi), zoom_before_crop=False),
         checkpoint_every=steps, log_every=max(1, steps // 10), threads=threads, progress=progress, tensorboard=False)
     dice, per_case, seconds = {}, {}, {}
     for mode in ("masked", "naive"):

@@ -12,9 +12,10 @@ from UniversalSegLib.checkpoints import Checkpoint, CheckpointMetadata, load_che
 from UniversalSegLib.inference import InferenceParameters
 from UniversalSegLib.model import ModelConfig, UniversalModel
 from UniversalSegLib.taxonomy import ClassInfo, Taxonomy, get_taxonomy
-from UniversalSegLib.text import PROMPT_TEMPLATE, ClipTextEncoder, OneHotEncoder, TextEncoderUnavailable, find_clip_weights
 
 from . import __version__
+from .embeddings import label_embeddings
+from .pretrained import load_pretrained_backbone
 
 __all__ = ["MODEL_SIZES", "ModelSetup", "build_model_setup", "model_config", "export_checkpoint", "select_classes", "TRAINED_LICENSE"]
 
@@ -36,7 +37,7 @@ def model_config(backbone: str, size: str, num_classes: int) -> ModelConfig:
     if size == "tiny":
         if backbone != "unet":
             raise ValueError("model size 'tiny' exists for the unet backbone only; use 'small' for swinunetr")
-        return ModelConfig(backbone="unet", num_classes=num_classes, base_channels=4, norm_groups=8)
+        return ModelConfig(backbone="unet", num_classes=num_classes, backbone_kwargs={"base_channels": 4}, norm_groups=8)
     raise ValueError(f"unknown model size {size!r}; use one of {', '.join(MODEL_SIZES)}")
 
 
@@ -74,6 +75,7 @@ class ModelSetup:
         self.base_embeddings = model.organ_embedding.detach().clone()
         self.new_rows = new_rows
         self.trainable_embedding = trainable_embedding
+        self.pretrained: dict | None = None  # what load_pretrained_backbone copied, for the logs
 
     def parameters(self) -> list[torch.nn.Parameter]:
         if self.trainable_embedding is not None:
@@ -96,37 +98,25 @@ class ModelSetup:
         return self.model.organ_embedding.detach().cpu()
 
 
-def _encoder(kind: str, classes: Taxonomy, clip_weights: str | None):
-    """(encoder, info) for new label embeddings."""
-    if kind in ("auto", "clip"):
-        weights = clip_weights or find_clip_weights()
-        if weights is not None or kind == "clip":
-            try:
-                encoder = ClipTextEncoder(weights=weights)
-                return encoder, {"encoder": encoder.name, "template": PROMPT_TEMPLATE}
-            except TextEncoderUnavailable:
-                if kind == "clip":
-                    raise
-    encoder = OneHotEncoder([c.key for c in classes], dim=512)
-    return encoder, {"encoder": "one-hot", "vocabulary": [c.key for c in classes]}
-
-
-def _names_for(encoder, classes: Sequence[ClassInfo]) -> list[str]:
-    return [c.key for c in classes] if isinstance(encoder, OneHotEncoder) else [c.prompt_name for c in classes]
-
-
 def build_model_setup(backbone: str = "unet", model_size: str = "official", classes: Sequence[str] | None = None,
                       embedding: str = "auto", clip_weights: str | None = None, init_checkpoint: str | None = None,
-                      finetune: str = "all") -> ModelSetup:
-    """Create (or load, for fine-tuning) the model with its classes and label embeddings."""
+                      finetune: str = "all", embedding_file: str | None = None,
+                      pretrained_backbone: str | None = None) -> ModelSetup:
+    """Create (or load, for fine-tuning) the model with its classes and label embeddings.
+
+    ``pretrained_backbone``: initialise the backbone of a new model from self-supervised / Models Genesis
+    weights (:mod:`.pretrained`); what was copied is kept in ``ModelSetup.pretrained`` (``run_info.json``).
+    """
     if init_checkpoint is None:
         taxonomy = select_classes(classes)
         config = model_config(backbone, model_size, len(taxonomy))
         model = UniversalModel(config)
-        encoder, info = _encoder(embedding, taxonomy, clip_weights)
-        vectors = torch.from_numpy(encoder.encode(_names_for(encoder, list(taxonomy))))
-        model.organ_embedding.copy_(vectors)
-        return ModelSetup(model, taxonomy, info)
+        vectors, info = label_embeddings(embedding, list(taxonomy), clip_weights, embedding_file)
+        model.organ_embedding.copy_(torch.from_numpy(vectors))
+        setup = ModelSetup(model, taxonomy, info)
+        if pretrained_backbone:
+            setup.pretrained = load_pretrained_backbone(model, pretrained_backbone, backbone)
+        return setup
 
     checkpoint = load_checkpoint(init_checkpoint)
     old = checkpoint.metadata.classes
@@ -161,8 +151,7 @@ def build_model_setup(backbone: str = "unet", model_size: str = "official", clas
     taxonomy = old.extended(new_classes)
     encoder_name = checkpoint.metadata.embedding.get("encoder", "")
     if encoder_name.startswith("clip"):
-        encoder, _ = _encoder("clip", taxonomy, clip_weights)
-        new_vectors = torch.from_numpy(encoder.encode([c.prompt_name for c in new_classes]))
+        new_vectors = torch.from_numpy(label_embeddings("clip", new_classes, clip_weights)[0])
     else:  # one-hot / learnt spaces cannot name new classes: start them at small random vectors, learnt
         generator = torch.Generator().manual_seed(len(old))
         new_vectors = torch.randn(len(new_classes), checkpoint.metadata.model.embedding_dim, generator=generator) * 0.1
@@ -195,7 +184,7 @@ def export_checkpoint(path: str | Path, model: UniversalModel, classes: Taxonomy
         model=model.config if model.config.num_classes == len(classes) else
         ModelConfig.from_dict({**model.config.to_dict(), "num_classes": len(classes)}),
         classes=classes,
-        preprocessing=preprocessing.library_parameters(),
+        preprocessing=preprocessing,
         inference=InferenceParameters(roi_size=tuple(int(s) for s in roi_size), overlap=overlap, gaussian="current"),
         embedding=dict(embedding_info),
         provenance={"trained_with": f"universalseg-training {__version__} (UniversalSeg {library_version})",

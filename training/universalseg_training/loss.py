@@ -1,4 +1,4 @@
-"""Masked BCE + Dice loss: only the classes annotated in each case contribute (SPEC s.6.2).
+"""Masked BCE + Dice loss: only the classes annotated in each case contribute (the official partial-label loss).
 
 For every (batch element, class) pair with ``annotated[b, k]`` true, the loss is the voxel-mean binary
 cross-entropy of the logits plus ``1 - Dice`` of the sigmoid probabilities with +1 smoothing,
@@ -8,7 +8,7 @@ background nor foreground there.
 
 ``dice="slice"`` reproduces the paper's original Dice (commit b6ecb7e): each crop is cut into slices along
 its first spatial axis, a Dice with +1 smoothing is computed per slice and the slices are averaged. The
-HEAD version of the official code crashes instead (SPEC s.12.4). ``dice="volume"`` (default) is one Dice per
+HEAD version of the official code crashes instead. ``dice="volume"`` (default) is one Dice per
 crop.
 
 ``naive_targets`` builds the baseline the paper argues against: every unannotated class is treated as

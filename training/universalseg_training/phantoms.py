@@ -18,6 +18,8 @@ from typing import Iterable, Sequence
 from UniversalSegLib.io.writers import nifti_image
 from UniversalSegLib.phantom import PHANTOM_DATASETS, generate_phantom, phantom_dataset_spec, phantom_raw_labels
 
+from .presets import PRESETS
+
 __all__ = ["write_phantom_dataset", "write_phantom_datasets", "phantom_seed"]
 
 
@@ -29,11 +31,12 @@ def phantom_seed(base_seed: int, dataset: str, case: int) -> int:
 def write_phantom_dataset(folder: str | Path, dataset: str, cases: int, base_seed: int = 0,
                           shape: Sequence[int] = (96, 96, 96), spacing: Sequence[float] = (3.2, 3.2, 3.2),
                           orientation: str = "LPS", lesion_probability: float = 0.5,
-                          labels: dict | None = None) -> Path:
+                          labels: dict | None = None, sampling: dict | None = None) -> Path:
     """Write ``cases`` phantoms of ``dataset`` into ``folder/<dataset>``; returns the spec path.
 
     ``labels`` overrides the dataset's label definition (raw value -> taxonomy name), e.g. for a custom
-    experiment; by default the definition in ``PHANTOM_DATASETS`` is used.
+    experiment; by default the definition in ``PHANTOM_DATASETS`` is used. ``sampling`` is the spec's
+    crop/zoom entry; by default that of the official dataset's preset of the same name (if any).
     """
     import nibabel as nib
 
@@ -60,6 +63,10 @@ def write_phantom_dataset(folder: str | Path, dataset: str, cases: int, base_see
         "labels": "labelsTr/{name}",
         "classes": {str(k): v for k, v in spec["labels"].items()},
     }
+    if sampling is None and dataset in PRESETS:
+        sampling = PRESETS[dataset]["sampling"]
+    if sampling is not None:
+        document["sampling"] = dict(sampling)
     path = root / "dataset.json"
     path.write_text(json.dumps(document, indent=1))
     return path

@@ -1,4 +1,4 @@
-"""Training samples: uniform over datasets, positive/negative crops, augmentations (SPEC s.6.1), MONAI.
+"""Training samples: uniform over datasets, positive/negative crops, augmentations, as in the official training; MONAI.
 
 Every sample is a pure function of ``(seed, rank, sample number)``: the dataset (round robin over datasets,
 so each dataset is drawn equally often whatever its size, like the official ``--uniform_sample``), the
@@ -6,11 +6,16 @@ case, the crop and the augmentations all come from a generator seeded with those
 resumed from a checkpoint at step *s* therefore sees exactly the samples the uninterrupted run would
 have seen, whatever the number of data-loader workers, with no data-loader state to save.
 
-Crops: datasets without annotated lesions use ``RandCropByPosNegLabeld`` (positive = any labelled voxel,
-positive:negative = 2:1); datasets with annotated lesions use ``RandCropByLabelClassesd`` with background:
-organ:lesion = 1:1:5 (the official choice for LiTS and the MSD tumour tasks). Augmentations: random zoom
-1.3-1.5 (probability 0.3, lesion datasets only, as the official MSD-only zoom), random 90-degree rotations
-in the axial plane (0.1), random intensity shift +-0.1 (0.2).
+Crops are chosen per dataset by its specification's ``sampling`` entry (the presets follow the official
+recipe): ``crops: pos_neg`` uses ``RandCropByPosNegLabeld`` (positive = any labelled voxel,
+positive:negative = 2:1); ``crops: lesions`` uses ``RandCropByLabelClassesd`` with background:organ:lesion
+= 1:1:5 (officially LiTS and the MSD liver, pancreas and hepatic-vessel tasks only). ``zoom: true`` adds a
+random zoom 1.3-1.5 (probability 0.3; officially every MSD task), applied to the whole padded case BEFORE
+cropping as the official pipeline does (``SamplingConfig.zoom_before_crop``; False zooms each crop, the
+behaviour of earlier versions kept for their benchmarks). Then, per crop: random 90-degree rotations in
+the axial plane (0.1), random intensity shift +-0.1 (0.2). ``num_samples`` crops are drawn from each
+sampled case (the official ``--num_samples``); a batch holds ``batch_size`` cases, i.e.
+``batch_size * num_samples`` crops.
 """
 from __future__ import annotations
 
@@ -30,9 +35,10 @@ _KEYS = ("image", "labels", "host")
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Crop size, crop balance and augmentation probabilities."""
+    """Crop size, crop balance, crops per case and augmentation probabilities (see the module docstring)."""
 
     roi_size: tuple[int, int, int] = (96, 96, 96)
+    num_samples: int = 1
     pos: float = 2.0
     neg: float = 1.0
     lesion_ratios: tuple[float, float, float] = (1.0, 1.0, 5.0)
@@ -42,6 +48,11 @@ class SamplingConfig:
     shift_intensity_prob: float = 0.2
     shift_intensity_offset: float = 0.1
     augment: bool = True
+    zoom_before_crop: bool = True
+
+    def __post_init__(self) -> None:
+        if int(self.num_samples) < 1:
+            raise ValueError(f"num_samples must be at least 1; got {self.num_samples!r}")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -61,7 +72,7 @@ def sample_seed(seed: int, rank: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(rank), int(index)])
 
 
-def _crop_chain(config: SamplingConfig, lesions: bool):
+def _crop_chain(config: SamplingConfig, lesions: bool, zoom: bool):
     from monai.transforms import (
         Compose,
         RandCropByLabelClassesd,
@@ -74,18 +85,24 @@ def _crop_chain(config: SamplingConfig, lesions: bool):
 
     keys = list(_KEYS)
     roi = tuple(int(s) for s in config.roi_size)
+    samples = int(config.num_samples)
+    zooms = config.augment and zoom and config.zoom_prob > 0
     chain: list = [SpatialPadd(keys=[*keys, "balance"], spatial_size=roi, mode="constant")]
+    if zooms and config.zoom_before_crop:  # the whole case, so the crop balance follows the zoomed labels
+        chain.append(RandZoomd(keys=[*keys, "balance"], prob=config.zoom_prob, min_zoom=config.zoom_range[0],
+                               max_zoom=config.zoom_range[1], mode=("area", "nearest", "nearest", "nearest"),
+                               keep_size=True))
     if lesions:
         chain.append(RandCropByLabelClassesd(keys=keys, label_key="balance", spatial_size=roi,
-                                             ratios=list(config.lesion_ratios), num_classes=3, num_samples=1,
+                                             ratios=list(config.lesion_ratios), num_classes=3, num_samples=samples,
                                              image_key="image", image_threshold=0.0, warn=False))
     else:
         chain.append(RandCropByPosNegLabeld(keys=keys, label_key="balance", spatial_size=roi, pos=config.pos,
-                                            neg=config.neg, num_samples=1, image_key="image", image_threshold=0.0))
+                                            neg=config.neg, num_samples=samples, image_key="image", image_threshold=0.0))
+    if zooms and not config.zoom_before_crop:
+        chain.append(RandZoomd(keys=keys, prob=config.zoom_prob, min_zoom=config.zoom_range[0],
+                               max_zoom=config.zoom_range[1], mode=("area", "nearest", "nearest"), keep_size=True))
     if config.augment:
-        if lesions and config.zoom_prob > 0:
-            chain.append(RandZoomd(keys=keys, prob=config.zoom_prob, min_zoom=config.zoom_range[0],
-                                   max_zoom=config.zoom_range[1], mode=("area", "nearest", "nearest"), keep_size=True))
         if config.rotate90_prob > 0:
             chain.append(RandRotate90d(keys=keys, prob=config.rotate90_prob, max_k=3, spatial_axes=(0, 1)))
         if config.shift_intensity_prob > 0:
@@ -102,9 +119,9 @@ def _plain(value) -> torch.Tensor:
 class CropDataset(torch.utils.data.Dataset):
     """Map-style dataset of training crops indexed by the global sample number of one rank.
 
-    ``dataset[n]`` -> ``{"image": (1, *roi) float32, "target": (K, *roi) uint8, "annotated": (K,) bool,
-    "dataset": int}``; ``K`` = number of model channels and ``channel_classes[k]`` is the taxonomy index of
-    channel ``k``. Unannotated channels have an all-zero target and ``annotated[k] = False``.
+    ``dataset[n]`` -> ``{"image": (S, 1, *roi) float32, "target": (S, K, *roi) uint8, "annotated": (S, K) bool,
+    "dataset": (S,) int}`` with ``S = num_samples`` crops of one case; ``K`` = number of model channels and
+    ``channel_classes[k]`` is the taxonomy index of channel ``k``. Unannotated channels have an all-zero target and ``annotated[k] = False``.
     """
 
     def __init__(self, cache: CaseCache, channel_classes: Sequence[int], config: SamplingConfig | None = None,
@@ -116,15 +133,15 @@ class CropDataset(torch.utils.data.Dataset):
         self.datasets = [d for d, members in enumerate(cache.by_dataset) if members]
         if not self.datasets:
             raise ValueError("no training cases: every dataset is empty")
-        self._chains: dict[bool, Any] = {}
+        self._chains: dict[tuple[bool, bool], Any] = {}
 
     def __len__(self) -> int:
         return 2**62  # indexed by sample number; the trainer decides how many it draws
 
-    def _chain(self, lesions: bool):
-        if lesions not in self._chains:
-            self._chains[lesions] = _crop_chain(self.config, lesions)
-        return self._chains[lesions]
+    def _chain(self, lesions: bool, zoom: bool):
+        if (lesions, zoom) not in self._chains:
+            self._chains[lesions, zoom] = _crop_chain(self.config, lesions, zoom)
+        return self._chains[lesions, zoom]
 
     def dataset_of(self, index: int) -> int:
         """Round robin over datasets across ranks and samples: every dataset equally often."""
@@ -138,32 +155,32 @@ class CropDataset(torch.utils.data.Dataset):
         annotated = set(int(i) for i in case["annotated"])
         includes = {int(k): v for k, v in case["includes"].items()}
         spec = self.cache.specs[dataset]
-        lesion_classes = [i for i in annotated if i in spec.taxonomy.indices and spec.taxonomy[i].is_lesion]
-        lesions = bool(lesion_classes)
+        lesions = spec.crops == "lesions"
         labels = case["labels"]
-        if lesions:
-            is_lesion = torch.zeros_like(labels, dtype=torch.bool)
-            for index_ in lesion_classes:
-                is_lesion |= labels == index_
-            balance = (labels > 0).to(torch.int16) + is_lesion.to(torch.int16)  # 0 bg, 1 organ, 2 lesion
-        else:
-            balance = (labels > 0).to(torch.int16)
+        balance = (labels > 0).to(torch.int16)  # 0 background, 1 labelled
+        if lesions:  # 2 = lesion
+            for lesion in (i for i in annotated if i in spec.taxonomy.indices and spec.taxonomy[i].is_lesion):
+                balance = balance + (labels == lesion).to(torch.int16)
         data = {"image": case["image"], "labels": labels, "host": case["host"], "balance": balance}
-        chain = self._chain(lesions)
+        chain = self._chain(lesions, spec.zoom)
         chain.set_random_state(seed=int(rng.integers(2**31 - 1)))
         out = chain(data)
-        if isinstance(out, list):
-            out = out[0]
-        # Plain tensors from here: MetaTensor bookkeeping would slow every comparison below tenfold.
-        image, crop_labels, crop_host = (_plain(out[key]) for key in _KEYS)
-        image, crop_labels, crop_host = image.float(), crop_labels[0], crop_host[0]
+        crops = out if isinstance(out, list) else [out]
         wanted = [c for c in self.channel_classes if c in annotated]
-        masks = class_masks_from_maps(crop_labels, crop_host, wanted, includes)
-        target = torch.zeros((len(self.channel_classes), *crop_labels.shape), dtype=torch.uint8)
         flags = torch.zeros(len(self.channel_classes), dtype=torch.bool)
         for k, c in enumerate(self.channel_classes):
-            if c in masks:
-                target[k] = masks[c].to(torch.uint8)
-                flags[k] = True
-        return {"image": image, "target": target,
-                "annotated": flags, "dataset": dataset}
+            flags[k] = c in wanted
+        images, targets = [], []
+        for crop in crops:
+            # Plain tensors from here: MetaTensor bookkeeping would slow every comparison below tenfold.
+            image, crop_labels, crop_host = (_plain(crop[key]) for key in _KEYS)
+            masks = class_masks_from_maps(crop_labels[0], crop_host[0], wanted, includes)
+            target = torch.zeros((len(self.channel_classes), *crop_labels.shape[1:]), dtype=torch.uint8)
+            for k, c in enumerate(self.channel_classes):
+                if c in masks:
+                    target[k] = masks[c].to(torch.uint8)
+            images.append(image.float())
+            targets.append(target)
+        count = len(crops)
+        return {"image": torch.stack(images), "target": torch.stack(targets),
+                "annotated": flags.expand(count, -1).clone(), "dataset": torch.full((count,), dataset)}

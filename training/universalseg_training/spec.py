@@ -14,11 +14,23 @@ A dataset is described by a small YAML or JSON file. Two kinds exist.
       2: kidney tumor
       3: kidney cyst
     annotated: [kidneys, kidney tumor, kidney cyst]   # optional; default: every class `classes` maps to
+    absent: [liver tumor]            # optional: annotated classes no case has (healthy controls)
     unlisted: error                  # a raw value not in `classes`: error (default) or drop (background)
     lesions_in_organs: true          # organ channels include their lesions (taxonomy parent organs)
     includes: {liver: [hepatic vessel]}   # optional extra merges: organ includes other classes
     label_names: {file: class_map.json, key: total}   # optional raw value -> raw name table, so that
                                      # `classes` can be keyed by raw names (e.g. TotalSegmentator's)
+    sampling: {crops: pos_neg, zoom: false}   # training crops of this dataset (see below)
+    subsets: [{case_number_at_least: 60, annotated: [spleen, liver]}]   # optional per-case annotations
+    preset: kits                     # optional: start from a public dataset's preset (:mod:`.presets`)
+
+``sampling``: ``crops: pos_neg`` (default) draws crops centred on a labelled voxel or on any voxel 2:1;
+``crops: lesions`` draws background:organ:lesion 1:1:5 (the official choice for LiTS and the MSD liver,
+pancreas and hepatic-vessel tasks); ``zoom: true`` adds the random zoom of the official MSD tasks.
+``subsets``: the first entry whose rule matches a case (``match``: a regular expression searched in the
+case id; ``case_number_at_least``: the trailing number of the case id) replaces ``annotated`` for that
+case. Label path templates may use ``{name}`` (image file name), ``{stem}``/``{id}`` (without extension)
+and ``{digits}`` (the trailing digits of the stem, e.g. 0001 of img0001).
 
 Every class listed in ``annotated`` is supervised in this dataset; every other class is UNKNOWN (masked
 out of the loss), never background. A left/right pair is written either as a name that resolves to the pair
@@ -29,12 +41,19 @@ classes are annotated)::
 
     name: reviewed_in_slicer
     case_files: exports/*.case.json
+
+**Corrected pseudo-labels of a batch** (``universalseg batch -o OUT``, then "Export for training" of the
+reviewed cases, which writes ``OUT/<case>/corrected/<case>.case.json``; see :mod:`UniversalSegLib.batch.corrections`)::
+
+    name: corrected_pseudo_labels
+    batch: /data/pseudo-labels/OUT    # every exported case of the batch; cases not yet reviewed are skipped
 """
 from __future__ import annotations
 
 import glob
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -44,7 +63,9 @@ from UniversalSegLib.taxonomy import Taxonomy, UnknownClassError, get_taxonomy
 __all__ = ["CaseFiles", "DatasetSpec", "DatasetSpecError", "LabelTarget", "load_dataset_spec"]
 
 _KNOWN_KEYS = {"name", "root", "images", "labels", "cases", "case_files", "classes", "annotated", "unlisted",
-               "lesions_in_organs", "includes", "label_names", "description"}
+               "lesions_in_organs", "includes", "label_names", "description", "sampling", "subsets", "preset",
+               "absent", "batch"}
+CROP_MODES = ("pos_neg", "lesions")
 
 
 class DatasetSpecError(ValueError):
@@ -86,16 +107,26 @@ class DatasetSpec:
     includes: dict[int, tuple[int, ...]] = field(default_factory=dict)
     taxonomy: Taxonomy = field(default_factory=get_taxonomy)
     source: str = "<dict>"
+    crops: str = "pos_neg"
+    zoom: bool = False
+    subsets: tuple[tuple[str | None, int | None, tuple[int, ...]], ...] = ()
+    preset: str | None = None
+
+    def annotated_for(self, case_id: str) -> tuple[int, ...]:
+        """The classes annotated in case ``case_id`` (a matching ``subsets`` entry, else ``annotated``)."""
+        for pattern, at_least, annotated in self.subsets:
+            if pattern is not None and re.search(pattern, case_id):
+                return annotated
+            if at_least is not None:
+                digits = re.search(r"(\d+)$", case_id)
+                if digits and int(digits.group(1)) >= at_least:
+                    return annotated
+        return self.annotated
 
     @property
     def is_case_format(self) -> bool:
         """True when the cases are ``.case.json`` training cases (annotations per case)."""
         return bool(self.cases) and self.cases[0].case_json is not None
-
-    @property
-    def has_lesions(self) -> bool:
-        """Whether any annotated class is a lesion (drives lesion-oversampling crops)."""
-        return any(self.taxonomy[i].is_lesion for i in self.annotated if i in self.taxonomy.indices)
 
     def fingerprint(self) -> str:
         """A short hash of everything that changes the harmonised labels (for cache invalidation)."""
@@ -105,6 +136,7 @@ class DatasetSpec:
             "lesions_in_organs": self.lesions_in_organs,
             "includes": {str(k): list(v) for k, v in sorted(self.includes.items())},
             "taxonomy": [c.key for c in self.taxonomy],
+            "subsets": [[p, n, list(a)] for p, n, a in self.subsets],
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -246,7 +278,12 @@ def _paired_cases(data: Mapping[str, Any], root: Path, source: str) -> list[Case
     cases = []
     for image in sorted(Path(p) for p in glob.glob(str(root / str(data["images"])))):
         stem = _stem(image)
-        labels = root / template.format(name=image.name, stem=stem, id=stem)
+        digits = re.search(r"(\d*)$", stem).group(1)
+        try:
+            labels = root / template.format(name=image.name, stem=stem, id=stem, digits=digits)
+        except (KeyError, IndexError) as error:
+            raise _fail(source, f"labels: unknown placeholder {error} in {template!r} (use {{name}}, {{stem}}, "
+                                "{id} or {digits})") from None
         cases.append(CaseFiles(stem, image, labels))
     return cases
 
@@ -259,7 +296,51 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
+def _with_preset(data: Mapping[str, Any], source: str) -> dict:
+    """``data`` on top of the preset it names (its own entries win)."""
+    from .presets import preset
+
+    try:
+        merged = preset(str(data["preset"]))
+    except KeyError as error:
+        raise _fail(source, str(error.args[0])) from None
+    merged.update({k: v for k, v in data.items() if k != "preset"})
+    merged["preset"] = data["preset"]
+    return merged
+
+
+def _sampling(value: Any, source: str) -> tuple[str, bool]:
+    value = dict(value or {})
+    unknown = set(value) - {"crops", "zoom"}
+    if unknown:
+        raise _fail(source, f"sampling: unknown entries {sorted(unknown)} (known: crops, zoom)")
+    crops = str(value.get("crops", "pos_neg"))
+    if crops not in CROP_MODES:
+        raise _fail(source, f"sampling.crops must be one of {', '.join(CROP_MODES)}; got {crops!r}")
+    zoom = value.get("zoom", False)
+    if not isinstance(zoom, bool):
+        raise _fail(source, f"sampling.zoom must be true or false; got {zoom!r}")
+    return crops, zoom
+
+
+def _subsets(value: Any, taxonomy: Taxonomy, source: str) -> tuple:
+    subsets = []
+    for n, entry in enumerate(value or []):
+        if not isinstance(entry, Mapping) or "annotated" not in entry or \
+                len({"match", "case_number_at_least"} & set(entry)) != 1:
+            raise _fail(source, f"subsets[{n}] needs 'annotated' and one of 'match' (a regular expression of case "
+                                "ids) or 'case_number_at_least'")
+        listed = entry["annotated"]
+        listed = [listed] if isinstance(listed, (str, int)) else listed
+        annotated = tuple(sorted({i for item in listed for i in _resolve_one(item, taxonomy, source, f"subsets[{n}]")}))
+        at_least = entry.get("case_number_at_least")
+        subsets.append((entry.get("match"), None if at_least is None else int(at_least), annotated))
+    return tuple(subsets)
+
+
 def _parse(data: Mapping[str, Any], base: Path, taxonomy: Taxonomy, source: str) -> DatasetSpec:
+    if data.get("preset") is not None:
+        data = _with_preset(data, source)
     unknown = set(data) - _KNOWN_KEYS
     if unknown:
         raise _fail(source, f"unknown entries {sorted(unknown)} (known: {', '.join(sorted(_KNOWN_KEYS))})")
@@ -268,12 +349,29 @@ def _parse(data: Mapping[str, Any], base: Path, taxonomy: Taxonomy, source: str)
         raise _fail(source, "'name' (the dataset key) is required")
     root = (base / str(data.get("root", "."))).expanduser()
 
+    if "case_files" in data and "batch" in data:
+        raise _fail(source, "give either 'case_files' or 'batch', not both")
+    if "batch" in data:
+        from UniversalSegLib.batch.corrections import exported_corrections
+        from UniversalSegLib.errors import InputNotFoundError
+
+        try:
+            files = exported_corrections(root / str(data["batch"]))
+        except InputNotFoundError as error:
+            raise _fail(source, str(error)) from None
+        cases = [CaseFiles(p.parent.parent.name, case_json=p) for p in files]  # OUT/<case>/corrected/
+        if not cases:
+            raise _fail(source, f"batch {root / str(data['batch'])} has no case exported for training yet "
+                                "(Export for training writes OUT/<case>/corrected/<case>.case.json)")
+        crops, zoom = _sampling(data.get("sampling"), source)
+        return DatasetSpec(name=name, cases=cases, taxonomy=taxonomy, source=source, crops=crops, zoom=zoom)
     if "case_files" in data:
         files = sorted(Path(p) for p in glob.glob(str(root / str(data["case_files"]))))
         cases = [CaseFiles(_stem(p), case_json=p) for p in files]
         if not cases:
             raise _fail(source, f"case_files {data['case_files']!r} matches no file under {root}")
-        return DatasetSpec(name=name, cases=cases, taxonomy=taxonomy, source=source)
+        crops, zoom = _sampling(data.get("sampling"), source)
+        return DatasetSpec(name=name, cases=cases, taxonomy=taxonomy, source=source, crops=crops, zoom=zoom)
 
     if "classes" not in data or not isinstance(data["classes"], Mapping) or not data["classes"]:
         raise _fail(source, "'classes' (raw label value -> taxonomy class) is required")
@@ -311,6 +409,20 @@ def _parse(data: Mapping[str, Any], base: Path, taxonomy: Taxonomy, source: str)
     cases = _paired_cases(data, root, source)
     if not cases:
         raise _fail(source, f"no cases found (root {root})")
+    absent = data.get("absent") or []
+    absent = [absent] if isinstance(absent, (str, int)) else absent
+    absent = {i for item in absent for i in _resolve_one(item, taxonomy, source, "absent")}
+    annotated = tuple(sorted(set(annotated) | absent))
+    included = {i for members in includes.values() for i in members}
+    unmapped = [taxonomy[i].display_name for i in annotated if i not in mapped and i not in absent and i not in included]
+    if unmapped:
+        raise _fail(source, f"annotated lists {', '.join(unmapped)}, but no raw value in 'classes' maps to "
+                            f"{'it' if len(unmapped) == 1 else 'them'}: such a class would train as background "
+                            "everywhere. Map a raw value to it in 'classes', remove it from 'annotated', or, when the class is truly absent "
+                            "from every case of this dataset (healthy controls), list it under 'absent'.")
+    crops, zoom = _sampling(data.get("sampling"), source)
     return DatasetSpec(name=name, cases=cases, targets=targets, annotated=annotated, unlisted=unlisted,
                        lesions_in_organs=bool(data.get("lesions_in_organs", True)), includes=includes,
-                       taxonomy=taxonomy, source=source)
+                       taxonomy=taxonomy, source=source, crops=crops, zoom=zoom,
+                       subsets=_subsets(data.get("subsets"), taxonomy, source),
+                       preset=None if data.get("preset") is None else str(data["preset"]))

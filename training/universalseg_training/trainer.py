@@ -1,49 +1,55 @@
 """The training loop: masked back-propagation over partially labelled datasets, one CPU to many GPUs.
 
-* Optimiser AdamW, learning rate with a linear warm-up then cosine decay, stepped every iteration.
-* bf16 autocast on GPUs that support it (the loss itself is computed in float32).
-* Distributed data parallel when started by ``torchrun`` (NCCL on GPUs, gloo on CPUs; several nodes work
-  the same way: ``torchrun --nnodes N --node_rank R --master_addr ...``); each process draws its own crops.
-* Atomic checkpoints every ``checkpoint_every`` steps (model, optimiser, scheduler, step, RNG states,
-  configuration); a run started again with the same ``output_dir`` resumes from the latest one and
-  continues exactly as the uninterrupted run would have (samples are a pure function of seed, rank and
-  sample number, see :mod:`.sampling`).
-* Logs: ``train_log.csv`` and ``validation.csv`` always, TensorBoard events when ``tensorboard`` is
-  installed; a progress bar on rank 0.
-* At the end, rank 0 exports ``final.safetensors``, a library checkpoint ``universalseg segment`` runs.
+:func:`train` runs these steps, each a function of its own:
+
+1. :func:`_build_run`: process group, seeds, model and label embeddings, dataset specifications, caches,
+   optimiser (AdamW), learning-rate schedule (linear warm-up then cosine, stepped every iteration),
+   gradient scaler (float16 only; bf16 autocast on GPUs that support it needs none);
+2. :func:`_resume`: rank 0 reads ``checkpoints/latest.json`` and tells the others which file to load; a
+   run whose classes or datasets changed is refused;
+3. :func:`_train_loop`: one optimisation step per batch (:func:`_train_step`), logs (loss averaged over the
+   logging interval and over all processes), atomic checkpoints every ``checkpoint_every`` steps,
+   validation every ``validate_every`` steps (:func:`_validate`, shared by all processes);
+4. :func:`_finish`: all ranks compare a checksum of their weights, rank 0 exports ``final.safetensors``.
+
+A run started again with the same ``output_dir`` resumes from the latest checkpoint and continues exactly
+as the uninterrupted run would have (samples are a pure function of seed, rank and sample number, see
+:mod:`.sampling`). Distributed data parallel is used when started by ``torchrun``.
 """
 from __future__ import annotations
 
-import csv
-import json
-import logging
+import contextlib
 import math
-import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from UniversalSegLib.device import resolve_device
 from UniversalSegLib.taxonomy import get_taxonomy
 
-from .config import TrainConfig
-from .evaluation import evaluate_cases
-from .export import build_model_setup, export_checkpoint
+from .config import ConfigError, TrainConfig
+from .distributed import Distributed, check_ranks_agree, init_distributed
+from .evaluation import ValidationResult, evaluate_cases
+from .export import ModelSetup, build_model_setup, export_checkpoint
 from .loss import masked_bce_dice_loss, naive_targets
 from .preprocessing import CaseCache
+from .run_logs import RunLogs
 from .sampling import CropDataset
-from .spec import load_dataset_spec
+from .spec import DatasetSpec, load_dataset_spec
+from .state import (
+    check_resume_compatible,
+    latest_checkpoint,
+    load_training_state,
+    rng_state,
+    save_training_state,
+    set_rng_state,
+)
 
 __all__ = ["TrainResult", "train", "warmup_cosine", "latest_checkpoint", "load_training_state"]
-
-logger = logging.getLogger("universalseg_training")
-
-CHECKPOINT_FORMAT = "universalseg-training-state"
-_TRAIN_COLUMNS = ["step", "loss", "bce", "dice", "pairs", "lr", "seconds", "crops_per_second"]
 
 
 @dataclass
@@ -56,6 +62,7 @@ class TrainResult:
     last_loss: float
     validation: dict | None
     resumed_from: int
+    best_checkpoint: Path | None = None
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
@@ -67,213 +74,147 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) ->
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# ------------------------------------------------------------------------------------------ distributed
 @dataclass
-class _Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    enabled: bool = False
+class _Run:
+    """Everything one training process holds."""
+
+    config: TrainConfig
+    dist: Distributed
+    device: torch.device
+    setup: ModelSetup
+    specs: list[DatasetSpec]
+    cache: CaseCache
+    validation_cache: CaseCache | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    precision: str
+    start_step: int = 0
+    best: dict = field(default_factory=lambda: {"mean_dice": -math.inf, "step": None})
+    wrapped: torch.nn.Module | None = None
+    logs: RunLogs | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.setup.model
+
+    @property
+    def channel_classes(self) -> list[int]:
+        return list(self.setup.classes.indices)
+
+    def autocast(self):
+        if self.precision == "float32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bfloat16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def dataset_fingerprints(self) -> list[dict]:
+        return [{"name": s.name, "fingerprint": s.fingerprint()} for s in self.specs]
 
 
-def _init_distributed(device_name: str) -> tuple[_Dist, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist(), resolve_device(device_name)
-    import torch.distributed as dist
-
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    wants_gpu = device_name in ("auto", "cuda", "gpu") and torch.cuda.is_available()
-    if wants_gpu:
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return _Dist(rank, world, local, True), device
+# ------------------------------------------------------------------------------------------------ set-up
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # same initial weights on every rank (DDP also broadcasts them)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
-def _barrier(dist_info: _Dist) -> None:
-    if dist_info.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-def _checkpoint_dir(config: TrainConfig) -> Path:
-    return Path(config.output_dir) / "checkpoints"
+def _precision(config: TrainConfig, device: torch.device) -> str:
+    if config.precision != "auto":
+        return config.precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest training-state checkpoint of a run (via ``checkpoints/latest.json``), or None."""
-    pointer = Path(output_dir) / "checkpoints" / "latest.json"
-    if not pointer.is_file():
-        return None
-    path = pointer.parent / json.loads(pointer.read_text())["file"]
-    return path if path.is_file() else None
+def _load_specs(paths, setup: ModelSetup) -> list[DatasetSpec]:
+    # Dataset specs name classes of the default taxonomy, plus any class the model adds to it.
+    default = get_taxonomy()
+    taxonomy = default.extended([c for c in setup.classes if c.index not in default.indices])
+    return [load_dataset_spec(p, taxonomy) for p in paths]
 
 
-def _atomic_write_bytes(path: Path, writer) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        writer(temporary)
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+def _check_specs_supervise(specs: list[DatasetSpec], setup: ModelSetup) -> None:
+    """A dataset that annotates none of the model's classes would only ever step on a zero loss."""
+    channels = set(setup.classes.indices)
+    for spec in specs:
+        if spec.is_case_format:
+            continue
+        annotated = set(spec.annotated) | {i for _, _, a in spec.subsets for i in a}
+        if not annotated & channels:
+            names = [spec.taxonomy[i].display_name for i in spec.annotated if i in spec.taxonomy.indices]
+            raise ConfigError(
+                f"dataset {spec.name!r} ({spec.source}) annotates {', '.join(names) or 'no class'}, none of which is "
+                f"a class of the model ({', '.join(c.display_name for c in setup.classes)}): its samples would "
+                "train on a zero loss. Add its classes to 'classes', or remove it from 'datasets'.")
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _build_run(config: TrainConfig, dist: Distributed, device: torch.device) -> _Run:
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
+    _seed_everything(config.seed)
+    setup = build_model_setup(config.backbone, config.model_size, config.classes, config.embedding,
+                              config.clip_weights, config.init_checkpoint, config.finetune,
+                              embedding_file=config.embedding_file, pretrained_backbone=config.pretrained_backbone)
+    specs = _load_specs(config.datasets, setup)
+    _check_specs_supervise(specs, setup)
+    progress = config.progress and dist.is_main
+    cache = CaseCache(specs, config.cache_path / "train", config.preprocessing, config.cache_memory_mb)
+    cache.prepare(dist.rank, dist.world_size, progress=progress)
+    validation_cache = None
+    if config.validation:
+        validation_cache = CaseCache(_load_specs(config.validation, setup), config.cache_path / "validation",
+                                     config.preprocessing, config.cache_memory_mb)
+        validation_cache.prepare(dist.rank, dist.world_size, progress=progress)
+    dist.barrier()
+
+    setup.model.to(device).train()
+    if setup.trainable_embedding is not None:
+        setup.trainable_embedding.data = setup.trainable_embedding.data.to(device)
+    optimizer = torch.optim.AdamW(setup.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.steps, config.min_lr / config.lr))
+    precision = _precision(config, device)
+    # float16 gradients underflow without loss scaling; bf16 and float32 need none (the scaler is then a no-op).
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "float16")
+    return _Run(config, dist, device, setup, specs, cache, validation_cache, optimizer, scheduler, scaler, precision)
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    numpy = state["numpy"]
-    np.random.set_state((numpy[0], np.asarray(numpy[1], dtype=np.uint32), *numpy[2:]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# ------------------------------------------------------------------------------------------------ resume
+def _resume(run: _Run) -> None:
+    """Load the latest checkpoint of ``output_dir`` (rank 0 finds it, every rank loads the same file)."""
+    found = latest_checkpoint(run.config.output_dir) if run.dist.is_main else None
+    path = run.dist.broadcast(None if found is None else str(found))
+    if path is None:
+        return
+    state = load_training_state(path)
+    check_resume_compatible(Path(path), state, [c.display_name for c in run.setup.classes], run.dataset_fingerprints())
+    run.model.load_state_dict(state["model"])
+    if run.setup.trainable_embedding is not None and state.get("trainable_embedding") is not None:
+        run.setup.trainable_embedding.data.copy_(state["trainable_embedding"].to(run.device))
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    run.start_step = int(state["step"])
+    run.best = dict(state.get("best") or run.best)
 
 
-def _save_state(config: TrainConfig, step: int, setup, optimizer, scheduler) -> Path:
-    folder = _checkpoint_dir(config)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step:08d}.pt"
+def _save_state(run: _Run, step: int) -> None:
+    setup = run.setup
     state = {
-        "format": CHECKPOINT_FORMAT, "step": step, "config": config.to_dict(),
-        "model": setup.model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "config": run.config.to_dict(),
+        "model": setup.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
         "trainable_embedding": setup.trainable_embedding.detach() if setup.trainable_embedding is not None else None,
-        "rng": _rng_state(),
-        "classes": setup.classes.to_dict(), "embedding_info": setup.embedding_info,
+        "rng": rng_state(), "classes": setup.classes.to_dict(), "embedding_info": setup.embedding_info,
+        "datasets": run.dataset_fingerprints(), "best": run.best,
     }
-    _atomic_write_bytes(path, lambda p: torch.save(state, p))
-    pointer = folder / "latest.json"
-    _atomic_write_bytes(pointer, lambda p: p.write_text(json.dumps({"file": path.name, "step": step})))
-    kept = sorted(folder.glob("step_*.pt"))
-    for old in kept[: max(0, len(kept) - config.keep_checkpoints)]:
-        old.unlink(missing_ok=True)
-    return path
+    save_training_state(Path(run.config.output_dir) / "checkpoints", step, state, run.config.keep_checkpoints)
 
 
-def load_training_state(path: str | Path) -> dict:
-    """Read a training-state checkpoint (tensors and plain data only; no pickled code is executed)."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a universalseg-training checkpoint")
-    return state
-
-
-# ----------------------------------------------------------------------------------------------- logging
-class _Logs:
-    """CSV logs (always) and TensorBoard (when installed); rank 0 only."""
-
-    def __init__(self, config: TrainConfig, start_step: int, active: bool):
-        self.active = active
-        self.writer = None
-        self.folder = Path(config.output_dir)
-        if not active:
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.train_csv = self.folder / "train_log.csv"
-        self.validation_csv = self.folder / "validation.csv"
-        self._truncate(self.train_csv, start_step)
-        self._truncate(self.validation_csv, start_step)
-        if config.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.folder / "tensorboard"), purge_step=start_step or None)
-            except ImportError:
-                logger.info("TensorBoard is not installed (pip install 'universalseg-training[tensorboard]'); "
-                            "writing CSV logs only.")
-
-    @staticmethod
-    def _truncate(path: Path, start_step: int) -> None:
-        """After a resume, drop rows the interrupted run logged beyond its last checkpoint."""
-        if not path.is_file():
-            return
-        with open(path, newline="") as handle:
-            rows = list(csv.reader(handle))
-        if not rows:
-            return
-        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= start_step]
-        with open(path, "w", newline="") as handle:
-            csv.writer(handle).writerows(kept)
-
-    def _append(self, path: Path, columns: list[str], row: dict) -> None:
-        new = not path.is_file()
-        with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-
-    def train(self, row: dict) -> None:
-        if not self.active:
-            return
-        self._append(self.train_csv, _TRAIN_COLUMNS, row)
-        if self.writer is not None:
-            for key in ("loss", "bce", "dice", "lr"):
-                self.writer.add_scalar(f"train/{key}", row[key], row["step"])
-
-    def validation(self, step: int, summary: dict, classes) -> None:
-        if not self.active:
-            return
-        row = {"step": step, "cases": summary["cases"], "mean_dice": summary["mean_dice"]}
-        for index, value in summary["dice"].items():
-            row[f"dice_{classes[index].key}"] = value
-        for index, value in summary["nsd"].items():
-            row[f"nsd_{classes[index].key}"] = value
-        for index, value in summary["detection"].items():
-            row[f"sensitivity_{classes[index].key}"] = value["sensitivity"]
-            row[f"specificity_{classes[index].key}"] = value["specificity"]
-        columns = list(row)
-        if self.validation_csv.is_file():
-            with open(self.validation_csv, newline="") as handle:
-                header = next(csv.reader(handle), [])
-            columns = header + [c for c in columns if c not in header]
-            if columns != header:  # new columns: rewrite with the wider header
-                with open(self.validation_csv, newline="") as handle:
-                    old = list(csv.DictReader(handle))
-                with open(self.validation_csv, "w", newline="") as handle:
-                    writer = csv.DictWriter(handle, fieldnames=columns)
-                    writer.writeheader()
-                    writer.writerows(old)
-        self._append(self.validation_csv, columns, row)
-        if self.writer is not None:
-            self.writer.add_scalar("validation/mean_dice", summary["mean_dice"], step)
-            for index, value in summary["dice"].items():
-                self.writer.add_scalar(f"validation/dice/{classes[index].key}", value, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _check_ranks_agree(model: torch.nn.Module) -> None:
-    """Data parallelism keeps every rank's weights identical; verify it before exporting."""
-    import torch.distributed as dist
-
-    with torch.no_grad():
-        total = sum(p.detach().double().sum() for p in model.parameters()).reshape(1)  # on the model device (NCCL)
-    gathered = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, total)
-    if any(not torch.allclose(g, gathered[0], rtol=1e-9, atol=1e-9) for g in gathered):
-        raise RuntimeError(f"the processes' weights diverged ({[float(g) for g in gathered]}); "
-                           "the distributed run is not synchronised")
-
-
-# ---------------------------------------------------------------------------------------------- training
+# ------------------------------------------------------------------------------------------------ the loop
 class _RangeSampler(torch.utils.data.Sampler):
     def __init__(self, start: int, stop: int):
         self.start, self.stop = start, stop
@@ -285,173 +226,203 @@ class _RangeSampler(torch.utils.data.Sampler):
         return self.stop - self.start
 
 
-def _precision(config: TrainConfig, device: torch.device) -> str:
-    if config.precision != "auto":
-        return config.precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bfloat16"
-    return "float32"
+def _loader(run: _Run) -> torch.utils.data.DataLoader:
+    config = run.config
+    data = CropDataset(run.cache, run.channel_classes, config.sampling, config.seed, run.dist.rank, run.dist.world_size)
+    return torch.utils.data.DataLoader(
+        data, batch_size=config.batch_size,
+        sampler=_RangeSampler(run.start_step * config.batch_size, config.steps * config.batch_size),
+        num_workers=config.num_workers, pin_memory=run.device.type == "cuda",
+        persistent_workers=config.num_workers > 0)
 
 
-def _autocast_factory(device: torch.device, precision: str):
-    import contextlib
+def _supervised_channels(run: _Run) -> torch.Tensor:
+    """Classes some dataset annotates: the naive baseline trains exactly those."""
+    supervised = torch.zeros(len(run.channel_classes), dtype=torch.bool)
+    for spec in run.specs:
+        for index in spec.annotated:
+            if index in run.channel_classes:
+                supervised[run.channel_classes.index(index)] = True
+    if any(spec.is_case_format for spec in run.specs):
+        supervised[:] = True
+    return supervised
 
-    if precision == "float32":
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float16
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+def _train_step(run: _Run, batch: dict, supervised: torch.Tensor):
+    """One optimisation step; returns the loss parts and the learning rate the step used."""
+    device, config = run.device, run.config
+    # (cases, crops per case, ...) -> one batch of crops
+    image = batch["image"].flatten(0, 1).to(device, non_blocking=True)
+    target = batch["target"].flatten(0, 1).to(device, non_blocking=True)
+    annotated = batch["annotated"].flatten(0, 1).to(device)
+    if config.loss == "naive":
+        target, annotated = naive_targets(target, annotated, supervised.to(device))
+    # Evaluate only the channels some element of this batch supervises (the head is per class).
+    channels = torch.nonzero(annotated.any(0)).flatten()
+    if channels.numel() == 0:
+        channels = torch.zeros(1, dtype=torch.long, device=device)
+    run.setup.apply_embeddings()
+    with run.autocast():
+        logits = run.wrapped(image, channels=channels)
+    parts = masked_bce_dice_loss(logits, target[:, channels], annotated[:, channels], dice=config.dice)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(parts.loss).backward()
+    parameters = run.setup.parameters()
+    if run.dist.enabled and run.wrapped is run.model:  # learnt embeddings only: average their gradient by hand
+        for parameter in parameters:
+            if parameter.grad is not None:
+                torch.distributed.all_reduce(parameter.grad)
+                parameter.grad /= run.dist.world_size
+    if config.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on below)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    return parts, lr
+
+
+class _Interval:
+    """Loss terms summed over the steps since the last log row."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = self.bce = self.dice = self.pairs = 0.0
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, parts) -> None:
+        self.loss += float(parts.loss.detach())
+        self.bce += parts.bce
+        self.dice += parts.dice
+        self.pairs += parts.pairs
+        self.steps += 1
+
+
+def _log_row(run: _Run, step: int, interval: _Interval, lr: float) -> float:
+    """Average the interval over steps and ranks, write the row; returns the averaged loss."""
+    loss, bce, dice, pairs, steps = run.dist.mean(
+        [interval.loss, interval.bce, interval.dice, interval.pairs, interval.steps], run.device)
+    elapsed = time.perf_counter() - interval.started
+    crops = interval.steps * run.config.batch_size * run.config.sampling.num_samples * run.dist.world_size
+    row = {"step": step, "loss": loss / steps, "bce": bce / steps, "dice": dice / steps, "pairs": pairs / steps,
+           "lr": lr, "seconds": round(elapsed, 3), "crops_per_second": round(crops / max(elapsed, 1e-9), 3)}
+    run.logs.train(row)
+    interval.reset()
+    return row["loss"]
+
+
+def _validate(run: _Run, step: int) -> dict:
+    """Every rank scores its share of the validation cases; rank 0 writes the merged tables."""
+    cache = run.validation_cache
+    share = list(range(run.dist.rank, len(cache), run.dist.world_size))
+    names = {c.index: c.display_name for c in run.setup.classes}
+    part = evaluate_cases(run.model, cache, run.channel_classes, run.config.sampling.roi_size, run.device,
+                          overlap=run.config.validation_overlap, indices=share, autocast=run.autocast,
+                          postprocess=run.config.validation_postprocess, class_names=names)
+    result = ValidationResult.merged(run.dist.gather(part))
+    summary = run.logs.validation(step, result, run.setup.classes)
+    score = summary["mean_dice"]
+    if run.dist.is_main:
+        run.logs.write_json("summary.json", {"step": step, **result.named_summary(), "per_case": result.records,
+                                             "best": run.best})
+    if math.isfinite(score) and score > run.best["mean_dice"]:
+        run.best = {"mean_dice": score, "step": step}
+        if run.dist.is_main:
+            _export(run, Path(run.config.output_dir) / "best.safetensors", step, {"validation_mean_dice": score})
+            run.logs.info("new best validation mean Dice %.4f at step %d: best.safetensors", score, step)
+    return summary
+
+
+def _train_loop(run: _Run) -> tuple[int, float, dict | None]:
+    config = run.config
+    supervised = _supervised_channels(run)
+    progress = None
+    if config.progress and run.dist.is_main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=config.steps, initial=run.start_step, desc="training", unit="step")
+    step, last_loss, summary = run.start_step, float("nan"), None
+    interval = _Interval()
+    for batch in _loader(run):
+        parts, lr = _train_step(run, batch, supervised)
+        step += 1
+        interval.add(parts)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{float(parts.loss.detach()):.4f}")
+        if step % config.log_every == 0 or step == config.steps:
+            last_loss = _log_row(run, step, interval, lr)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            if run.dist.is_main:
+                _save_state(run, step)
+            run.dist.barrier()
+        if run.validation_cache is not None and (
+                (config.validate_every and step % config.validate_every == 0) or step == config.steps):
+            summary = _validate(run, step)
+    if progress is not None:
+        progress.close()
+    return step, last_loss, summary
+
+
+# ------------------------------------------------------------------------------------------------ the end
+def _export(run: _Run, path: Path, step: int, extra: dict | None = None) -> Path:
+    return export_checkpoint(path, run.model, run.setup.classes, run.config.preprocessing,
+                             run.config.sampling.roi_size, run.setup.embedding_info,
+                             provenance={"steps": step, "config": run.config.to_dict(), **(extra or {})},
+                             embeddings=run.setup.final_embeddings(), overwrite=True)
+
+
+def _finish(run: _Run, step: int) -> tuple[Path | None, str | None]:
+    checksum = check_ranks_agree(run.model, run.dist) if run.dist.enabled else None
+    final = None
+    if run.dist.is_main:
+        final = _export(run, Path(run.config.output_dir) / "final.safetensors", step)
+        run.logs.info("exported %s after %d steps", final, step)
+    run.dist.barrier()
+    return final, checksum
+
+
+def _run_info(run: _Run, checksum: str | None = None) -> dict:
+    return {
+        "world_size": run.dist.world_size, "device": str(run.device), "precision": run.precision,
+        "backend": run.dist.backend, "classes": [c.display_name for c in run.setup.classes],
+        "resumed_from": run.start_step, "embedding": run.setup.embedding_info, "pretrained_backbone": run.setup.pretrained,
+        "crops_per_step": run.config.batch_size * run.config.sampling.num_samples * run.dist.world_size,
+        "datasets": [{"name": s.name, "source": s.source, "preset": s.preset, "cases": len(s.cases),
+                      "annotated": list(s.annotated), "crops": s.crops, "zoom": s.zoom} for s in run.specs],
+        "weights_checksum": checksum, "config": run.config.to_dict(),
+    }
 
 
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) a training run described by ``config``; see the module docstring."""
-    dist_info, device = _init_distributed(config.device)
-    if config.threads:
-        torch.set_num_threads(int(config.threads))
-    rank0 = dist_info.rank == 0
-    torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    random.seed(config.seed)
-    np.random.seed(config.seed % 2**32)
-
-    setup = build_model_setup(config.backbone, config.model_size, config.classes, config.embedding,
-                              config.clip_weights, config.init_checkpoint, config.finetune)
-    channel_classes = list(setup.classes.indices)
-    # Dataset specs name classes of the default taxonomy, plus any class the model adds to it.
-    default = get_taxonomy()
-    data_taxonomy = default.extended([c for c in setup.classes if c.index not in default.indices])
-    specs = [load_dataset_spec(p, data_taxonomy) for p in config.datasets]
-    cache = CaseCache(specs, config.cache_path / "train", config.preprocessing)
-    cache.prepare(dist_info.rank, dist_info.world_size, progress=config.progress and rank0)
-    validation_cache = None
-    if config.validation:
-        validation_specs = [load_dataset_spec(p, data_taxonomy) for p in config.validation]
-        validation_cache = CaseCache(validation_specs, config.cache_path / "validation", config.preprocessing)
-        if rank0:
-            validation_cache.prepare()
-    _barrier(dist_info)
-
-    model = setup.model.to(device).train()
-    if setup.trainable_embedding is not None:
-        setup.trainable_embedding.data = setup.trainable_embedding.data.to(device)
-    parameters = setup.parameters()
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.steps, config.min_lr / config.lr))
-
-    start_step = 0
-    resume = latest_checkpoint(config.output_dir)
-    if resume is not None:
-        state = load_training_state(resume)
-        model.load_state_dict(state["model"])
-        if setup.trainable_embedding is not None and state.get("trainable_embedding") is not None:
-            setup.trainable_embedding.data.copy_(state["trainable_embedding"].to(device))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start_step = int(state["step"])
-        if rank0:
-            logger.info("resuming from %s (step %d)", resume, start_step)
-
-    wrapped = model
-    use_ddp = dist_info.enabled and setup.trainable_embedding is None
-    if use_ddp:
+    dist, device = init_distributed(config.device, config.distributed_timeout_minutes)
+    run = _build_run(config, dist, device)
+    _resume(run)
+    run.logs = RunLogs(config.output_dir, run.start_step, dist.is_main, config.tensorboard, config.plot)
+    embedding = run.setup.embedding_info
+    run.logs.info("label embeddings: %s (%s)", embedding.get("encoder"), embedding.get("file") or embedding.get("weights")
+                  or embedding.get("source", "from the initial checkpoint"))
+    if run.start_step:
+        run.logs.info("resuming from step %d", run.start_step)
+    run.logs.write_json("run_info.json", _run_info(run))
+    run.wrapped = run.model
+    if dist.enabled and run.setup.trainable_embedding is None:
         from torch.nn.parallel import DistributedDataParallel
 
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    data = CropDataset(cache, channel_classes, config.sampling, config.seed, dist_info.rank, dist_info.world_size)
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=config.batch_size,
-        sampler=_RangeSampler(start_step * config.batch_size, config.steps * config.batch_size),
-        num_workers=config.num_workers, pin_memory=device.type == "cuda",
-        persistent_workers=config.num_workers > 0)
-    precision = _precision(config, device)
-    autocast = _autocast_factory(device, precision)
-    logs = _Logs(config, start_step, rank0)
-    if rank0:
-        info = {"world_size": dist_info.world_size, "device": str(device), "precision": precision,
-                "backend": ("nccl" if device.type == "cuda" else "gloo") if dist_info.enabled else None,
-                "classes": [c.display_name for c in setup.classes], "resumed_from": start_step,
-                "datasets": [{"name": s.name, "cases": len(s.cases), "annotated": list(s.annotated)} for s in specs]}
-        (Path(config.output_dir) / "run_info.json").write_text(json.dumps(info, indent=1))
-    progress = None
-    if config.progress and rank0:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=config.steps, initial=start_step, desc="training", unit="step")
-
-    supervised = torch.zeros(len(channel_classes), dtype=torch.bool)
-    for spec in specs:  # classes some dataset annotates: the naive baseline trains exactly those
-        for index in spec.annotated:
-            if index in channel_classes:
-                supervised[channel_classes.index(index)] = True
-    if any(spec.is_case_format for spec in specs):
-        supervised[:] = True
-
-    step, last_loss, validation_summary = start_step, float("nan"), None
-    tick = time.perf_counter()
-    for batch in loader:
-        image = batch["image"].to(device, non_blocking=True)
-        target = batch["target"].to(device, non_blocking=True)
-        annotated = batch["annotated"].to(device)
-        if config.loss == "naive":
-            target, annotated = naive_targets(target, annotated, supervised.to(device))
-        # Evaluate only the channels some element of this batch supervises (the head is per class).
-        channels = torch.nonzero(annotated.any(0)).flatten()
-        if channels.numel() == 0:
-            channels = torch.zeros(1, dtype=torch.long, device=device)
-        setup.apply_embeddings()
-        with autocast():
-            logits = wrapped(image, channels=channels)
-        parts = masked_bce_dice_loss(logits, target[:, channels], annotated[:, channels], dice=config.dice)
-        optimizer.zero_grad(set_to_none=True)
-        parts.loss.backward()
-        if dist_info.enabled and not use_ddp:  # learnt embeddings only: average their gradient by hand
-            import torch.distributed as dist
-
-            for parameter in parameters:
-                if parameter.grad is not None:
-                    dist.all_reduce(parameter.grad)
-                    parameter.grad /= dist_info.world_size
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        last_loss = float(parts.loss.detach())
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{last_loss:.4f}")
-        if step % config.log_every == 0 or step == config.steps:
-            elapsed = time.perf_counter() - tick
-            tick = time.perf_counter()
-            logs.train({"step": step, "loss": last_loss, "bce": parts.bce, "dice": parts.dice, "pairs": parts.pairs,
-                        "lr": scheduler.get_last_lr()[0], "seconds": round(elapsed, 3),
-                        "crops_per_second": round(config.log_every * config.batch_size * dist_info.world_size / max(elapsed, 1e-9), 3)})
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            if rank0:
-                _save_state(config, step, setup, optimizer, scheduler)
-            _barrier(dist_info)
-        if validation_cache is not None and (
-                (config.validate_every and step % config.validate_every == 0) or step == config.steps):
-            if rank0:
-                result = evaluate_cases(model, validation_cache, channel_classes, config.sampling.roi_size, device,
-                                        overlap=config.validation_overlap, autocast=autocast)
-                validation_summary = result.summary()
-                logs.validation(step, validation_summary, setup.classes)
-            _barrier(dist_info)
-    if progress is not None:
-        progress.close()
-
-    if dist_info.enabled:
-        _check_ranks_agree(model)
-    final = None
-    if rank0:
-        final = Path(config.output_dir) / "final.safetensors"
-        export_checkpoint(final, model, setup.classes, config.preprocessing, config.sampling.roi_size,
-                          setup.embedding_info, provenance={"steps": step, "config": config.to_dict()},
-                          embeddings=setup.final_embeddings(), overwrite=True)
-    logs.close()
-    _barrier(dist_info)
-    if dist_info.enabled:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-    return TrainResult(Path(config.output_dir), final, step, last_loss, validation_summary, start_step)
+        run.wrapped = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None)
+    try:
+        step, last_loss, summary = _train_loop(run)
+        final, checksum = _finish(run, step)
+        if checksum is not None:
+            run.logs.write_json("run_info.json", _run_info(run, checksum))
+    finally:
+        run.logs.close()
+    dist.close()
+    best = Path(config.output_dir) / "best.safetensors"
+    return TrainResult(Path(config.output_dir), final, step, last_loss, summary, run.start_step,
+                       best if best.is_file() and run.best["step"] is not None else None)

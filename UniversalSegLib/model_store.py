@@ -15,6 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from .errors import ChecksumMismatch, ModelNotAvailable, OutputExistsError
 
 # Torch-free at import (checkpoints are only opened to validate a file): the Slicer module lists models and
 # shows their licence before PyTorch is installed.
@@ -25,7 +26,8 @@ OFFICIAL_LICENSE = (
 )
 
 __all__ = [
-    "ModelSpec", "REGISTRY", "OFFICIAL_LICENSE", "ModelNotAvailable", "ChecksumMismatch", "models_dir", "installed_path",
+    "ModelSpec", "REGISTRY", "OFFICIAL_LICENSE", "ModelNotAvailable", "ChecksumMismatch", "cache_home", "models_dir",
+    "installed_path",
     "list_models", "download_model", "import_model", "resolve_model",
 ]
 
@@ -63,17 +65,13 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 
-class ModelNotAvailable(LookupError):
-    """A model name is unknown or not installed; the message says how to get it."""
-
-
-class ChecksumMismatch(RuntimeError):
-    """A downloaded or imported file does not have the published checksum."""
+def cache_home() -> Path:
+    """UniversalSeg's per-user cache: ``$UNIVERSALSEG_HOME``, default ``~/.cache/universalseg``."""
+    return Path(os.environ.get("UNIVERSALSEG_HOME", Path.home() / ".cache" / "universalseg"))
 
 
 def models_dir() -> Path:
-    root = Path(os.environ.get("UNIVERSALSEG_HOME", Path.home() / ".cache" / "universalseg"))
-    return root / "models"
+    return cache_home() / "models"
 
 
 def _index_path() -> Path:
@@ -199,7 +197,7 @@ def import_model(path: str | os.PathLike, name: str | None = None, overwrite: bo
         name = matches[0]
     spec = _spec(name)
     if installed_path(name) and not overwrite:
-        raise FileExistsError(f"Model {name!r} is already installed at {installed_path(name)}; use --overwrite to replace it.")
+        raise OutputExistsError(f"Model {name!r} is already installed at {installed_path(name)}; use --overwrite to replace it.")
     models_dir().mkdir(parents=True, exist_ok=True)
     tmp = models_dir() / f".{spec.filename}.{os.getpid()}.partial"
     try:

@@ -7,49 +7,23 @@ voxel gets no more contributions once the next row of windows starts beyond it, 
 window thick is accumulated, and everything before the current row is thresholded into bool masks
 (plus optional uint8 probabilities) as soon as it is final. Within a row the order of windows is
 MONAI's, so with the slab on axis 0 and float32 accumulation every voxel sums its windows in the same
-order as :func:`~UniversalSegLib.inference.sliding_window_logits` (identical masks).
-
-Window layouts (:func:`window_layout`):
-
-* ``"monai"``: MONAI's (and the official) placement: step ``int(roi * (1 - overlap))``, the last window
-  moved back to end at the border.
-* ``"even"``: the same number of windows per axis, spread evenly between the two borders. For a given
-  window count this maximises the smallest overlap, which is what a reduced-overlap mode wants (the
-  shared example CT with ``overlap=0``: 3 x 3 x 3 windows overlapping by 22-48 voxels instead of MONAI's
-  1-voxel seams).
+order as :func:`.full_volume.sliding_window_logits` (identical masks).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from itertools import product
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .inference import InferenceCancelled, InferenceError, _as_batch_of_one, _check_shapes, window_starts
+from ..errors import InferenceCancelled, InferenceError
+from ..settings import Placement, check_shapes, window_layout
+from .full_volume import as_batch_of_one
 
-__all__ = ["BlendedMasks", "PLACEMENTS", "window_layout", "sliding_window_masks"]
-
-Placement = Literal["monai", "even"]
-PLACEMENTS = ("monai", "even")
-
-
-def window_layout(
-    spatial_shape: Sequence[int], roi_size: Sequence[int] = (96, 96, 96), overlap: float = 0.5,
-    placement: Placement = "monai",
-) -> list[list[int]]:
-    """Start of every window along each axis, in the zero-padded image (axes shorter than the window are
-    padded to it, half before, rounded down, as MONAI does)."""
-    if placement not in PLACEMENTS:
-        raise InferenceError(f"unknown window placement {placement!r}; use one of {PLACEMENTS}")
-    starts = window_starts(spatial_shape, roi_size, overlap)  # MONAI's layout (and its checks)
-    if placement == "monai":
-        return starts
-    # The same count per axis, spread evenly from the first start (0) to the last (padded length - roi).
-    return [axis if len(axis) == 1 else [round(i * axis[-1] / (len(axis) - 1)) for i in range(len(axis))]
-            for axis in starts]
+__all__ = ["BlendedMasks", "sliding_window_masks"]
 
 
 @dataclass
@@ -99,10 +73,10 @@ def sliding_window_masks(
     """
     from tqdm.auto import tqdm
 
-    volume = _as_batch_of_one(image)[0, 0]
+    volume = as_batch_of_one(image)[0, 0]
     if volume.device.type != "cpu":
         volume = volume.cpu()
-    shape, roi = _check_shapes(volume.shape, roi_size)
+    shape, roi = check_shapes(volume.shape, roi_size)
     if tuple(weight.shape) != roi:
         raise InferenceError(f"the blending weight has shape {tuple(weight.shape)}, expected {roi}")
     cuts = []

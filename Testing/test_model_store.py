@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 
 from conftest import write_released_style_checkpoint
-from UniversalSegLib import models
+from UniversalSegLib import model_store as models
 from UniversalSegLib.checkpoints import CheckpointError
-from UniversalSegLib.models import ChecksumMismatch, ModelNotAvailable
+from UniversalSegLib.model_store import ChecksumMismatch, ModelNotAvailable
 
 
 @pytest.fixture

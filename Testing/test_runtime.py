@@ -1,0 +1,185 @@
+"""OpenVINO as the CPU runtime: the choice of runtime, the converted network's fidelity, its on-disk cache.
+
+One full-size forward (the fidelity fixture, ~1 min on 2 CPU cores with the conversion); everything else runs
+reduced-width models. Each test gets its own cache folder (``UNIVERSALSEG_HOME``), so conversions are real.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import fixture_input, require_shared, small_checkpoint, write_released_style_checkpoint
+from UniversalSegLib.checkpoints import load_checkpoint
+from UniversalSegLib.errors import RuntimeUnavailableError
+from UniversalSegLib.model import ModelConfig, UniversalModel
+from UniversalSegLib.runtime import RUNTIME_ENV, prepare_openvino, prune_cache, resolve_runtime
+
+openvino = pytest.importorskip("openvino")
+
+# OpenVINO float32 against the official logits. PyTorch's bar is 2e-4 (test_model_fidelity.py); OpenVINO
+# measured 1.0e-4 on the fixture (AMD EPYC, AVX-512), the same size as PyTorch's own error: both are float32
+# summation-order differences. The margin allows other CPUs' kernels (AVX2 blockings) to sum in other orders.
+# A silent bfloat16/float16 run is three orders of magnitude off (~0.1-1), so this still catches it.
+OPENVINO_ATOL = 3e-4
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIVERSALSEG_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_runtime_choice(monkeypatch):
+    monkeypatch.delenv(RUNTIME_ENV, raising=False)
+    assert resolve_runtime("auto", CPU) == "openvino"  # installed here
+    assert resolve_runtime(None, CPU, "fast") == "openvino"
+    assert resolve_runtime("auto", CPU, "reference") == "torch"  # the official PyTorch pipeline
+    assert resolve_runtime("auto", torch.device("cuda")) == "torch"
+    assert resolve_runtime("torch", CPU) == "torch"
+    assert resolve_runtime(" OpenVINO ", CPU, "reference") == "openvino"  # explicit: any mode
+    with pytest.raises(RuntimeUnavailableError, match="runs on the CPU"):
+        resolve_runtime("openvino", torch.device("cuda"))
+    with pytest.raises(ValueError, match="Unknown runtime 'onnx'"):
+        resolve_runtime("onnx", CPU)
+    monkeypatch.setenv(RUNTIME_ENV, "torch")
+    assert resolve_runtime(None, CPU) == "torch"
+    assert resolve_runtime("openvino", CPU) == "openvino"  # an explicit choice wins over the environment
+
+
+def test_runtime_choice_without_openvino(monkeypatch):
+    monkeypatch.delenv(RUNTIME_ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now fails as if not installed
+    assert resolve_runtime("auto", CPU) == "torch"
+    with pytest.raises(RuntimeUnavailableError, match=r"pip install 'universalseg\[openvino\]'") as info:
+        resolve_runtime("openvino", CPU)
+    assert info.value.exit_code == 6
+
+
+def _small_model(backbone: str, seed: int = 3) -> UniversalModel:
+    """A reduced-width model with seeded random weights."""
+    torch.manual_seed(seed)
+    model = UniversalModel(ModelConfig.small(backbone)).eval()
+    model.organ_embedding.normal_()
+    return model
+
+
+def test_converted_swin_equals_pytorch():
+    """Swin UNETR converts through the fused-attention forward; 64^3 windows exercise the shifted-window
+    masks and the padding of the token grid to whole attention windows."""
+    model = _small_model("swinunetr")
+    window = torch.randn(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
+    channels = [5, 0, 31]  # any subset, any order
+    with torch.no_grad():
+        expected = model(window, channels=channels).numpy()
+    network = prepare_openvino(model, channels, (64, 64, 64), threads=2)
+    assert network.converted
+    assert network.compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.f32  # never bf16/fp16
+    got = network(window).numpy()
+    assert got.shape == expected.shape == (1, 3, 64, 64, 64)
+    # Logits of order 1; float32 summation order only (measured 4e-6 here).
+    assert np.abs(got - expected).max() < 1e-4, np.abs(got - expected).max()
+
+
+def test_cache_reuses_entries_and_rebuilds_damaged_ones(cache_home):
+    model = _small_model("unet")
+    window = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))  # two windows at once
+    with torch.no_grad():
+        expected = model(window, channels=[3, 1]).numpy()
+    first = prepare_openvino(model, [3, 1], (32, 32, 32), threads=1)
+    got = first(window).numpy()
+    assert first.converted and got.shape == (2, 2, 32, 32, 32)
+    assert np.abs(got - expected).max() < 1e-4
+
+    again = prepare_openvino(model, [3, 1], (32, 32, 32), threads=1)
+    assert not again.converted and again.key == first.key
+    assert np.array_equal(again(window).numpy(), got)
+    other = prepare_openvino(model, [3], (32, 32, 32), threads=1)  # another class set: another entry
+    assert other.converted and other.key != first.key
+    root = cache_home / "openvino"
+    assert sorted(p.name for p in root.iterdir()) == sorted([first.key, other.key])  # no temporary folders left
+    entry = root / first.key
+    assert (entry / "compiled").is_dir()  # OpenVINO's own compiled-network cache
+
+    weights = entry / "model.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = b"\xff" * 64  # same size, wrong values
+    weights.write_bytes(bytes(data))
+    rebuilt = prepare_openvino(model, [3, 1], (32, 32, 32), threads=1)
+    assert rebuilt.converted
+    assert np.array_equal(rebuilt(window).numpy(), got)
+    assert json.loads((entry / "manifest.json").read_text())["sha256"]["model.bin"]
+
+    prune_cache(root, keep=1)  # only the most recently used entry stays (the rebuilt one)
+    assert [p.name for p in root.iterdir()] == [first.key]
+
+
+def test_full_size_fidelity_on_the_official_fixture(tmp_path):
+    """The converted full-size Swin UNETR against the official logits (one 96^3 forward)."""
+    path = write_released_style_checkpoint("swinunetr", tmp_path / "released.pth")
+    model = load_checkpoint(path).build_model()
+    network = prepare_openvino(model, list(range(32)), (96, 96, 96), threads=torch.get_num_threads())
+    del model
+    logits = network(fixture_input())[0].numpy()
+    expected = dict(np.load(require_shared("reference/fixture/expected_swinunetr.npz")))
+    p = expected["points"].astype(np.int64)
+    got = logits[:, p[:, 0], p[:, 1], p[:, 2]].T
+    err = np.abs(got - expected["logits_at_points"]).max()
+    print(f"OpenVINO float32: max |delta logit| at 4096 points x 32 classes = {err:.3g}")
+    assert err < OPENVINO_ATOL
+    np.testing.assert_allclose(logits[5, ::4, ::4, ::4], expected["liver_logits_stride4"], atol=OPENVINO_ATOL, rtol=0)
+
+
+def test_segmenter_labels_equal_pytorch_with_trained_weights():
+    """The packaged demo model on 3 fresh phantoms, default mode: OpenVINO's labels equal PyTorch's."""
+    from UniversalSegLib.demo import demo_checkpoint_path
+    from UniversalSegLib.phantom import generate_phantom
+    from UniversalSegLib.pipeline import Segmenter
+
+    checkpoint = load_checkpoint(demo_checkpoint_path())
+    settings = checkpoint.metadata.provenance["phantom"]
+    pytorch = Segmenter(checkpoint, device="cpu", runtime="torch")
+    fast = Segmenter(checkpoint, device="cpu", runtime="openvino")
+    assert (pytorch.runtime, fast.runtime) == ("torch", "openvino")
+    for n, seed in enumerate((4100, 4101, 4102)):
+        phantom = generate_phantom(seed, shape=tuple(settings["shape"]), spacing=tuple(settings["spacing"]),
+                                   orientation=settings["orientation"])
+        stages = []
+        expected = pytorch.segment(phantom.volume)
+        got = fast.segment(phantom.volume, progress=lambda stage, fraction: stages.append(stage))
+        # The conversion is its own stage, before the windows, on the first run of a class set only.
+        assert ("convert" in stages) == (n == 0) and ("convert" in got.timings) == (n == 0)
+        if n == 0:
+            assert stages.index("convert") < stages.index("inference")
+        assert got.windows == expected.windows
+        for index, mask in expected.masks.items():
+            agreement = np.mean(got.masks[index] == mask)
+            assert agreement >= 0.999, (seed, index, agreement)
+    # Once compiled, the PyTorch model is released (memory); a class set not converted yet reads it from
+    # the checkpoint file again and converts it, with the same labels.
+    assert fast._model is None
+    expected = pytorch.segment(phantom.volume, "liver")
+    got = fast.segment(phantom.volume, "liver")
+    assert "convert" in got.timings and fast._model is None
+    (index,) = expected.masks
+    assert np.mean(got.masks[index] == expected.masks[index]) >= 0.999
+
+
+def test_cli_runtime_option(tmp_path, capsys):
+    from UniversalSegLib.cli import main
+
+    ct = require_shared("data/totalsegmentator/example_ct.nii.gz")
+    model = small_checkpoint(tmp_path / "small.safetensors")
+    code = main(["segment", str(ct), "-o", str(tmp_path / "out"), "--classes", "liver", "--model", str(model),
+                 "--device", "cpu", "--runtime", "openvino", "--json"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "openvino runtime" in err
+    assert json.loads((tmp_path / "out" / "example_ct_summary.json").read_text())["timings_s"]["convert"] > 0
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(ct), "-o", str(tmp_path / "out2"), "--runtime", "onnx"])
+    assert info.value.code == 2

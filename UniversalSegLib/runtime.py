@@ -1,0 +1,299 @@
+"""Where a window's forward runs: PyTorch, or OpenVINO on the CPU.
+
+OpenVINO runs the same network about twice as fast as PyTorch on a CPU (``benchmarks/benchmark_runtimes.py``)
+with the same float32 arithmetic up to summation order. Only the forward of a window moves: the sliding
+window, the blending and the post-processing stay PyTorch/numpy code.
+
+The OpenVINO network is converted from the loaded PyTorch model (``openvino.convert_model`` on a trace of
+the model with the class subset fixed) the first time a model, class set and window size are used, and
+kept in ``$UNIVERSALSEG_HOME/openvino/<key>/`` (the key hashes the weights, the classes, the window
+size and the versions of OpenVINO, PyTorch and UniversalSeg). Each entry also holds OpenVINO's own cache
+of the compiled network (``CACHE_DIR``), so a later run skips both conversion and compilation. Entries are
+written atomically (a temporary folder renamed into place) and checked against their recorded checksums
+before use; a damaged entry is removed and rebuilt.
+
+The network runs with ``INFERENCE_PRECISION_HINT=f32``: on CPUs with bfloat16 or float16 units OpenVINO
+would otherwise compute in reduced precision by default, which moves logits (and labels) visibly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import RuntimeUnavailableError, UsageError
+from .settings import RUNTIMES
+
+__all__ = ["RUNTIMES", "RUNTIME_ENV", "requested_runtime", "resolve_runtime", "openvino_version",
+           "OpenVINOWindowNetwork", "prepare_openvino", "trim_heap", "openvino_cache_dir", "model_digest",
+           "prune_cache", "MAX_CACHE_ENTRIES"]
+
+log = logging.getLogger(__name__)
+
+#: Bump when the traced forward changes in a way the other key parts do not capture.
+_CONVERSION_FORMAT = 2
+_MANIFEST = "manifest.json"
+_FILES = ("model.xml", "model.bin")
+#: Cache entries kept (the most recently used): one full-size Swin UNETR entry takes about 0.6 GB of disk
+#: (the 0.28 GB network plus OpenVINO's compiled form of it).
+MAX_CACHE_ENTRIES = 3
+#: Environment variable with the runtime used when none is given (``torch`` keeps PyTorch everywhere).
+RUNTIME_ENV = "UNIVERSALSEG_RUNTIME"
+_INSTALL_HINT = "install it with: pip install 'universalseg[openvino]'"
+
+
+def openvino_version() -> str | None:
+    """The installed OpenVINO's version, or None when it is not installed or does not import."""
+    try:
+        import openvino
+    except Exception:  # noqa: BLE001 - a broken install counts as not installed for "auto"
+        return None
+    return openvino.__version__
+
+
+def requested_runtime(name: str | None) -> str:
+    """The runtime choice ``name`` normalised, one of :data:`RUNTIMES` (None: ``$UNIVERSALSEG_RUNTIME`` or
+    ``"auto"``)."""
+    name = (name or os.environ.get(RUNTIME_ENV) or "auto").strip().lower()
+    if name not in RUNTIMES:
+        raise UsageError(f"Unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}.")
+    return name
+
+
+def resolve_runtime(name: str | None, device: torch.device, mode: str = "default") -> str:
+    """``"torch"`` or ``"openvino"`` for the runtime choice ``name`` (one of :data:`RUNTIMES`; None: the
+    environment variable ``UNIVERSALSEG_RUNTIME``, else ``"auto"``).
+
+    ``"auto"`` takes OpenVINO on a CPU when it is installed, except in the reference mode (which reproduces
+    the official PyTorch pipeline); PyTorch otherwise. ``"openvino"`` is an error on a GPU or without
+    OpenVINO installed.
+    """
+    name = requested_runtime(name)
+    if name == "torch":
+        return name
+    if name == "auto":
+        usable = device.type == "cpu" and mode != "reference" and openvino_version() is not None
+        return "openvino" if usable else "torch"
+    if device.type != "cpu":
+        raise RuntimeUnavailableError(f"OpenVINO runs on the CPU, but the device is {device}; choose the torch "
+                                      "runtime for a GPU, or the CPU device.")
+    if openvino_version() is None:
+        raise RuntimeUnavailableError(f"The OpenVINO runtime was requested but OpenVINO is not installed; "
+                                      f"{_INSTALL_HINT}, or choose the torch runtime.")
+    return name
+
+
+def openvino_cache_dir() -> Path:
+    """Where converted networks are kept: ``$UNIVERSALSEG_HOME/openvino``."""
+    from .model_store import cache_home
+
+    return cache_home() / "openvino"
+
+
+def model_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's tensors (names, shapes, dtypes, values): what a checkpoint's weights and label
+    embeddings are, whatever file they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+class _FixedClassNetwork(nn.Module):
+    """The model's forward with the class channels fixed: one input (the window), one output (logits)."""
+
+    def __init__(self, model: nn.Module, channels: Sequence[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.channels = [int(c) for c in channels]
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        return self.model(window, channels=self.channels)
+
+
+@dataclass
+class OpenVINOWindowNetwork:
+    """A compiled OpenVINO network with PyTorch's window-forward signature: ``(B, 1, *roi) -> (B, K, *roi)``.
+
+    ``converted`` says whether this call converted the model (first use) or read the cache; ``seconds`` is
+    the time the preparation took.
+    """
+
+    compiled: object
+    key: str
+    converted: bool
+    seconds: float
+
+    def __post_init__(self) -> None:
+        self._request = None  # made at the first window, dropped by release_request()
+
+    def release_request(self) -> None:
+        """Drop the infer request between runs: its input/output tensors and part of the intermediates
+        (about 0.23 GB for the full Swin UNETR) are freed for the post-processing; the next window makes a
+        new one (cheap; the compiled network and its weights stay)."""
+        self._request = None
+
+    def __call__(self, windows: torch.Tensor, borrow_output: bool = False) -> torch.Tensor:
+        """Logits of ``windows``; a fresh tensor, or with ``borrow_output`` (one window only) the request's
+        own output buffer, valid until the next call: it saves a copy of the logits (0.11 GB for 32 classes
+        at 96^3) for a caller that uses them at once, like the sliding window."""
+        if self._request is None:
+            self._request = self.compiled.create_infer_request()
+        share = borrow_output and windows.shape[0] == 1
+        outputs = []
+        for window in windows.detach().cpu().float():  # the network is compiled for one window
+            array = window[None].contiguous().numpy()
+            # Unshared outputs are copies: the request reuses its output buffer at the next window.
+            outputs.append(torch.from_numpy(self._request.infer([array], share_outputs=share)[0]))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``; nothing elsewhere).
+
+    Freed large blocks (a released PyTorch model, a window's tensors) otherwise stay in the process's
+    resident memory, where they count against the peak of every later stage."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): the allocator keeps its own policy
+        pass
+
+
+def _cache_key(model: nn.Module, digest: str, channels: Sequence[int], roi_size: Sequence[int]) -> str:
+    import openvino
+
+    parts = {"weights": digest, "config": model.config.to_dict(), "channels": [int(c) for c in channels],
+             "roi_size": [int(s) for s in roi_size], "openvino": openvino.__version__, "torch": torch.__version__,
+             "universalseg": __version__, "format": _CONVERSION_FORMAT}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _entry_is_intact(entry: Path) -> bool:
+    """True when every file of a cache entry is there with the checksum its manifest recorded."""
+    try:
+        manifest = json.loads((entry / _MANIFEST).read_text())
+        return all(_file_sha256(entry / name) == manifest["sha256"][name] for name in _FILES)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _convert(model: nn.Module, channels: Sequence[int], roi_size: Sequence[int]):
+    """Trace the model's inference forward for one window of ``roi_size`` and convert it to OpenVINO."""
+    import openvino
+    from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
+
+    example = torch.zeros((1, 1, *roi_size), dtype=torch.float32)
+    network = _FixedClassNetwork(model, channels).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The trace fixes the window size and the class set; both are part of the cache key.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace: still what OpenVINO converts from
+        # OpenVINO's own tracing (its decoder patches what TorchScript cannot trace), without the trace
+        # check, which would run the window forward twice more.
+        decoder = TorchScriptPythonDecoder(network, example_input=(example,), trace_kwargs={"check_trace": False})
+        return openvino.convert_model(decoder, input=[openvino.PartialShape([1, 1, *roi_size])])
+
+
+def _save_entry(ov_model, root: Path, entry: Path) -> None:
+    """Write a converted network to ``entry`` atomically: into a temporary folder, then renamed into place."""
+    import openvino
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
+    try:
+        openvino.save_model(ov_model, tmp / "model.xml", compress_to_fp16=False)  # keep float32 weights
+        manifest = {"sha256": {name: _file_sha256(tmp / name) for name in _FILES}, "openvino": openvino.__version__}
+        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1))
+        try:
+            os.replace(tmp, entry)
+        except OSError:
+            if not _entry_is_intact(entry):  # not another process's complete entry: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prune_cache(root: Path, keep: int) -> None:
+    """Remove all but the ``keep`` most recently used cache entries (temporary folders are left alone: they may
+    be another process's entry being written)."""
+    entries = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _compile(entry: Path, threads: int):
+    import openvino
+
+    core = openvino.Core()
+    config = {
+        "INFERENCE_NUM_THREADS": int(threads),
+        "INFERENCE_PRECISION_HINT": "f32",  # never bf16/fp16 behind our back (module doc)
+        "PERFORMANCE_HINT": "LATENCY",  # one window at a time, all threads on it
+        "CACHE_DIR": str(entry / "compiled"),
+    }
+    compiled = core.compile_model(str(entry / "model.xml"), "CPU", config)
+    precision = compiled.get_property("INFERENCE_PRECISION_HINT")
+    if precision != openvino.Type.f32:
+        raise RuntimeUnavailableError(f"OpenVINO compiled the network in {precision}, not float32.")
+    return compiled
+
+
+def prepare_openvino(model: nn.Module, channels: Sequence[int], roi_size: Sequence[int], threads: int,
+                     cache_dir: str | os.PathLike | None = None, digest: str | None = None) -> OpenVINOWindowNetwork:
+    """The OpenVINO form of ``model`` for windows of ``roi_size`` and the class ``channels``.
+
+    Read from the cache when an intact entry exists; otherwise converted, saved and compiled. ``digest`` is
+    :func:`model_digest` of ``model`` when the caller has it already.
+    """
+    if openvino_version() is None:
+        raise RuntimeUnavailableError(f"OpenVINO is not installed; {_INSTALL_HINT}.")
+    t0 = time.perf_counter()
+    root = Path(cache_dir) if cache_dir is not None else openvino_cache_dir()
+    key = _cache_key(model, digest or model_digest(model), channels, roi_size)
+    entry = root / key
+    if entry.exists():
+        if _entry_is_intact(entry):
+            try:
+                compiled = _compile(entry, threads)
+                os.utime(entry)  # most recently used: pruned last
+                return OpenVINOWindowNetwork(compiled, key, converted=False, seconds=time.perf_counter() - t0)
+            except RuntimeUnavailableError:
+                raise
+            except Exception as err:  # noqa: BLE001 - any failure to load an entry means: rebuild it
+                log.warning("OpenVINO cache entry %s could not be loaded (%s); converting again.", entry, err)
+        else:
+            log.warning("OpenVINO cache entry %s is incomplete or damaged; converting again.", entry)
+        shutil.rmtree(entry, ignore_errors=True)
+    ov_model = _convert(model, channels, roi_size)
+    _save_entry(ov_model, root, entry)
+    del ov_model
+    prune_cache(root, MAX_CACHE_ENTRIES)
+    compiled = _compile(entry, threads)
+    return OpenVINOWindowNetwork(compiled, key, converted=True, seconds=time.perf_counter() - t0)
