@@ -128,7 +128,9 @@ class Segmenter:
         mode: ``"default"``, ``"fast"`` or ``"reference"`` (see module docs and :data:`MODES`).
         runtime: where each window's forward runs: ``"auto"``, ``"torch"`` or ``"openvino"``
             (:data:`~UniversalSegLib.settings.RUNTIMES`, :func:`~UniversalSegLib.runtime.resolve_runtime`);
-            None: ``$UNIVERSALSEG_RUNTIME`` or ``"auto"`` (OpenVINO on a CPU when installed).
+            None: ``$UNIVERSALSEG_RUNTIME`` or ``"auto"`` (OpenVINO on a CPU when installed). With OpenVINO
+            the PyTorch model is released once the network is compiled (memory) and read from the checkpoint
+            file again when it is needed (a new class set, a fallback).
         gaussian, overlap, sw_batch_size: override the checkpoint's or the mode's inference parameters.
     """
 
@@ -185,7 +187,8 @@ class Segmenter:
 
     @model.setter
     def model(self, model: torch.nn.Module) -> None:
-        self._model, self._weights_digest = model, None
+        # A model set by hand is kept (the file's weights are not it) and converted again when needed.
+        self._model, self._model_path, self._weights_digest, self._openvino = model, None, None, None
 
     @property
     def taxonomy(self):
@@ -291,10 +294,7 @@ class Segmenter:
 
         params = meta.inference
         if openvino_network is not None:
-            # Only the window forward changes. The streaming blend weights each window's logits at once,
-            # so it can work in the request's output buffer (no copy); the full-volume path keeps copies.
-            def predictor(window: torch.Tensor) -> torch.Tensor:  # noqa: F811
-                return openvino_network(window, borrow_output=self.mode.streaming)
+            predictor = openvino_network  # noqa: F811 - only the window forward changes
         requested_set = {c.index for c in requested}
         on_window = lambda done, total: report("inference", done / total)  # noqa: E731
         probabilities = None
