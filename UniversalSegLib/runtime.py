@@ -34,6 +34,7 @@ from torch import nn
 
 from . import __version__
 from .errors import RuntimeUnavailableError, UsageError
+from .helpers import sha256_file
 from .settings import RUNTIMES
 
 __all__ = ["RUNTIMES", "RUNTIME_ENV", "requested_runtime", "resolve_runtime", "openvino_version",
@@ -184,19 +185,11 @@ def _cache_key(model: nn.Module, digest: str, channels: Sequence[int], roi_size:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(2**22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _entry_is_intact(entry: Path) -> bool:
     """True when every file of a cache entry is there with the checksum its manifest recorded."""
     try:
         manifest = json.loads((entry / _MANIFEST).read_text())
-        return all(_file_sha256(entry / name) == manifest["sha256"][name] for name in _FILES)
+        return all(sha256_file(entry / name) == manifest["sha256"][name] for name in _FILES)
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -226,7 +219,7 @@ def _save_entry(ov_model, root: Path, entry: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
     try:
         openvino.save_model(ov_model, tmp / "model.xml", compress_to_fp16=False)  # keep float32 weights
-        manifest = {"sha256": {name: _file_sha256(tmp / name) for name in _FILES}, "openvino": openvino.__version__}
+        manifest = {"sha256": {name: sha256_file(tmp / name) for name in _FILES}, "openvino": openvino.__version__}
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1))
         try:
             os.replace(tmp, entry)

@@ -15,6 +15,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from UniversalSegLib.io.atomic import atomic_output
+
 __all__ = ["CHECKPOINT_FORMAT", "ResumeError", "latest_checkpoint", "load_training_state", "save_training_state",
            "check_resume_compatible", "atomic_write"]
 
@@ -26,16 +28,12 @@ class ResumeError(ValueError):
 
 
 def atomic_write(path: Path, writer) -> None:
-    """Call ``writer(temporary)``, then move the finished file onto ``path`` (never a half-written file)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    """Call ``writer(temporary)``, flush it to disk, then move it onto ``path`` with the library's atomic
+    output (replacing an earlier version: checkpoints and ``latest.json`` are rewritten as training goes)."""
+    with atomic_output(path, overwrite=True) as temporary:
         writer(temporary)
         with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+            os.fsync(handle.fileno())  # a crash right after the rename must not leave an empty checkpoint
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
