@@ -101,3 +101,17 @@ def small_checkpoint(path: Path, backbone: str = "unet", spacing: float = 5.0, r
         model=config, classes=get_taxonomy(), preprocessing=PreprocessingParameters(spacing=(spacing,) * 3),
         inference=InferenceParameters(roi_size=(roi,) * 3), provenance={"origin": "test: random weights"})
     return save_checkpoint(path, model.state_dict(), meta)
+
+
+def segment_editor(headless, segmentation_node, volume_node):
+    """Slicer's segment editor logic on a headless scene (what Paint, Draw, Islands... call), and its node."""
+    import slicer
+
+    editor = slicer.vtkSlicerSegmentEditorLogic()
+    editor.SetMRMLScene(headless.scene)
+    editor.SetMRMLApplicationLogic(headless.application_logic)
+    editor_node = headless.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editor.SetSegmentEditorNode(editor_node)
+    editor.SetSegmentationNode(segmentation_node)
+    editor.SetSourceVolumeNode(volume_node)
+    return editor, editor_node

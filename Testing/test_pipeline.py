@@ -144,3 +144,19 @@ def test_thread_count_applies_during_the_run_and_is_restored(tmp_path):
     seen = set()
     segmenter.segment(volume, "liver", progress=lambda stage, fraction: seen.add(torch.get_num_threads()))
     assert seen == {wanted} and torch.get_num_threads() == before
+
+
+def test_monai_comes_without_torchvision():
+    """The library imports MONAI with torchvision hidden (its torchvision modules are unused here and cost
+    about 160 MB of memory per process); torchvision itself still imports afterwards (open_clip needs it)."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, sys\n"
+            "import UniversalSegLib.pipeline, monai.networks.nets\n"
+            "assert 'torchvision' not in sys.modules and 'torch._dynamo' not in sys.modules, 'loaded'\n"
+            "if importlib.util.find_spec('torchvision'):\n"
+            "    import torchvision.models\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

@@ -6,6 +6,7 @@ reduced-width models. Each test gets its own cache folder (``UNIVERSALSEG_HOME``
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -98,6 +99,10 @@ def test_cache_reuses_entries_and_rebuilds_damaged_ones(cache_home):
     again = prepare_openvino(model, [3, 1], (32, 32, 32), threads=1)
     assert not again.converted and again.key == first.key
     assert np.array_equal(again(window).numpy(), got)
+    again.release()  # frees the compiled network (memory); the next call compiles it again from the entry
+    assert again._compiled is None
+    shared = again(window[:1], share_output=True)  # the request's own output buffer, not a copy
+    assert np.array_equal(shared.numpy(), got[:1])
     other = prepare_openvino(model, [3], (32, 32, 32), threads=1)  # another class set: another entry
     assert other.converted and other.key != first.key
     root = cache_home / "openvino"
@@ -134,7 +139,7 @@ def test_full_size_fidelity_on_the_official_fixture(tmp_path):
     np.testing.assert_allclose(logits[5, ::4, ::4, ::4], expected["liver_logits_stride4"], atol=OPENVINO_ATOL, rtol=0)
 
 
-def test_segmenter_labels_equal_pytorch_with_trained_weights():
+def test_segmenter_labels_equal_pytorch_with_trained_weights(cache_home):
     """The packaged demo model on 3 fresh phantoms, default mode: OpenVINO's labels equal PyTorch's."""
     from UniversalSegLib.demo import demo_checkpoint_path
     from UniversalSegLib.phantom import generate_phantom
@@ -167,6 +172,12 @@ def test_segmenter_labels_equal_pytorch_with_trained_weights():
     assert "convert" in got.timings and fast._model is None
     (index,) = expected.masks
     assert np.mean(got.masks[index] == expected.masks[index]) >= 0.999
+    # After a run the compiled network is released (memory) and compiled again by the next run; if its
+    # cache entry was pruned meanwhile (another process), the next run converts again.
+    assert fast._openvino._compiled is None
+    shutil.rmtree(cache_home / "openvino" / fast._openvino.key)
+    again = fast.segment(phantom.volume, "liver")
+    assert "convert" in again.timings and np.array_equal(again.masks[index], got.masks[index])
 
 
 def test_cli_runtime_option(tmp_path, capsys):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, require_shared
+from conftest import REPO_ROOT, require_shared, segment_editor
 
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is needed for MRML tests")
 torch = pytest.importorskip("torch")
@@ -417,13 +417,7 @@ def test_review_states_follow_real_segment_editor_edits(small_model, headless, l
     logic.set_review_state(segmentation_node, "pancreas", "accepted")
 
     # paint into "liver" with Slicer's segment editor logic (what Paint/Draw/Islands... call)
-    editor = slicer.vtkSlicerSegmentEditorLogic()
-    editor.SetMRMLScene(headless.scene)
-    editor.SetMRMLApplicationLogic(headless.application_logic)
-    editor_node = headless.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
-    editor.SetSegmentEditorNode(editor_node)
-    editor.SetSegmentationNode(segmentation_node)
-    editor.SetSourceVolumeNode(node)
+    editor, editor_node = segment_editor(headless, segmentation_node, node)
     stroke = np.zeros((36, 36, 36), dtype=bool)
     stroke[14:17, 14:17, 14:17] = True
     modifier = oriented_image_from_mask(stroke, affine_of_volume_node(node), crop=False)

@@ -26,6 +26,7 @@ from UniversalSegSlicer import ClassCatalog, ExistingSegmentsError, JobCancelled
 from UniversalSegSlicer.batch_review import BatchReview
 from UniversalSegSlicer.dependencies import check_requirements, plan_installation, run_installation
 from UniversalSegSlicer.export import suggest_case_id
+from UniversalSegSlicer.jobs import PREVIEW_SHOWN_TEXT
 from UniversalSegSlicer.logic import worker_python
 from UniversalSegSlicer.messages import plain_message
 from UniversalSegSlicer.parameters import DEVICES, MODES, RUNTIMES, SETTINGS_KEYS, ModuleParameters
@@ -84,6 +85,7 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self.job = None
         self.jobFinished = None  # what to do on the main thread when self.job is done
+        self.jobPreview = None  # what to do when self.job's quick result arrives (progressive runs)
         self.sceneChanged = False  # whether the finishing job already put something into the scene
         self.replaceConfirmed = False
         self.pendingClick = None
@@ -131,6 +133,7 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modeComboBox.connect("currentIndexChanged(int)", self.onSettingsChanged)
         self.ui.runtimeComboBox.connect("currentIndexChanged(int)", self.onSettingsChanged)
         self.ui.show3DCheckBox.connect("toggled(bool)", self.onSettingsChanged)
+        self.ui.progressiveCheckBox.connect("toggled(bool)", self.onSettingsChanged)
         self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
         self.ui.classTreeWidget.connect("itemChanged(QTreeWidgetItem*,int)", self.onSettingsChanged)
         self.ui.classSearchLineEdit.connect("textChanged(QString)", self.onSearch)
@@ -236,6 +239,7 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.selectComboData(self.ui.modeComboBox, parameters.mode)
             self.selectComboData(self.ui.runtimeComboBox, parameters.runtime)
             self.ui.show3DCheckBox.checked = parameters.show_3d
+            self.ui.progressiveCheckBox.checked = self.progressiveChoice(parameters)
             self.onModelChanged()  # the model's classes, before checking the stored ones
             wasBlocked = self.ui.classTreeWidget.blockSignals(True)
             for item in self.classItems():
@@ -252,15 +256,26 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume = self.ui.inputVolumeSelector.currentNode()
         output = self.ui.outputSegmentationSelector.currentNode()
         stored = ModuleParameters.read(self.parameterNode)
+        device = self.ui.deviceComboBox.currentData
+        progressive = self.ui.progressiveCheckBox.checked
+        if stored.progressive is None and progressive == self.logic.progressive_default(device):
+            progressive = None  # not chosen: keeps following the device
         chosen = ModuleParameters(volume.GetID() if volume else None, output.GetID() if output else None,
-                                  self.checkedClasses(), str(self.model() or ""), self.ui.deviceComboBox.currentData,
-                                  self.ui.show3DCheckBox.checked, self.ui.modeComboBox.currentData, self.ui.runtimeComboBox.currentData)
+                                  self.checkedClasses(), str(self.model() or ""), device,
+                                  self.ui.show3DCheckBox.checked, self.ui.modeComboBox.currentData,
+                                  self.ui.runtimeComboBox.currentData, progressive)
         if chosen != stored:
             self.updatingGUI = True  # our own change: no need to read it back
             try:
                 chosen.write(self.parameterNode)
             finally:
                 self.updatingGUI = False
+
+    def progressiveChoice(self, parameters):
+        """"Show a quick result first": the stored choice, else on for a CPU device."""
+        if parameters.progressive is not None:
+            return parameters.progressive
+        return self.logic.progressive_default(parameters.device)
 
     # -------------------------------------------------------------------------------- what the user chose
     def populateClasses(self):
@@ -372,6 +387,11 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             estimate = self.logic.estimate(volume, self.ui.deviceComboBox.currentData, max(1, len(classes)),
                                            self.model(), mode=self.ui.modeComboBox.currentData)
             self.ui.estimateLabel.text = estimate.text()
+        if self.parameterNode is not None:  # a choice not made yet follows the device
+            wasBlocked = self.ui.progressiveCheckBox.blockSignals(True)
+            self.ui.progressiveCheckBox.checked = self.progressiveChoice(ModuleParameters.read(self.parameterNode))
+            self.ui.progressiveCheckBox.blockSignals(wasBlocked)
+        self.ui.progressiveCheckBox.enabled = self.ui.modeComboBox.currentData == "default"
         idle = self.job is None
         # One job at a time: a download, an import or a cache change during a run would replace the running
         # job (its result lost) or pull the model from under the worker.
@@ -473,8 +493,8 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = "Model memory released; the next run loads the model again."
 
     # ----------------------------------------------------------------------------------------- running
-    def startJob(self, job, onFinished):
-        self.job, self.jobFinished = job, onFinished
+    def startJob(self, job, onFinished, onPreview=None):
+        self.job, self.jobFinished, self.jobPreview = job, onFinished, onPreview
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
         self.updateDependentWidgets()
@@ -497,10 +517,27 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if not classes:
                     return
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
+            mode = self.ui.modeComboBox.currentData
             job = self.logic.start_segmentation(volume, classes, self.model(), self.ui.deviceComboBox.currentData,
-                                                mode=self.ui.modeComboBox.currentData,
-                                                runtime=self.ui.runtimeComboBox.currentData)
-            self.startJob(job, lambda job: self.onSegmentationFinished(job, volume))
+                                                mode=mode, runtime=self.ui.runtimeComboBox.currentData,
+                                                progressive=self.ui.progressiveCheckBox.checked and mode == "default")
+            self.startJob(job, lambda job: self.onSegmentationFinished(job, volume),
+                          lambda job: self.onPreviewArrived(job, volume))
+
+    def onPreviewArrived(self, job, volume):
+        """Show the quick (fast layout) result while the exact one is computed; it is replaced when that
+        arrives. Never 3D: closed surfaces would hold up the panel for a result about to be replaced."""
+        output = self.ui.outputSegmentationSelector.currentNode()
+        try:
+            applied = self.logic.apply_preview(job, volume, output, self.replaceConfirmed, show_3d=False)
+        except ExistingSegmentsError:  # a segment appeared meanwhile: wait for the exact result, which asks
+            job.metadata["preview_segments"] = None  # not shown, and not tried again
+            return
+        if applied is not None:
+            self.ui.outputSegmentationSelector.setCurrentNode(applied.segmentation_node)
+            slicer.util.setSliceViewerLayers(background=volume)
+            self.ui.statusLabel.text = PREVIEW_SHOWN_TEXT
+            self.refreshReview()
 
     def onSegmentationFinished(self, job, volume):
         output = self.ui.outputSegmentationSelector.currentNode()
@@ -518,7 +555,14 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table = f" Statistics: table '{applied.table_node.GetName()}'." if applied.table_node is not None else ""
         if applied.statistics_error:
             table = f" The statistics table could not be updated: {applied.statistics_error}"
-        self.ui.statusLabel.text = f"Done in {job.elapsed:.0f} s{loaded}: {len(applied.segment_ids)} segments.{table}"
+        kept = ""
+        if applied.kept_previews:
+            segmentation = applied.segmentation_node.GetSegmentation()
+            names = ", ".join(segmentation.GetSegment(i).GetName() for i in applied.kept_previews.values())
+            kept = (f" Kept the quick-result segments you edited or accepted ({names}); their exact result was "
+                    "not applied.")
+        self.ui.statusLabel.text = (f"Done in {job.elapsed:.0f} s{loaded}: {len(applied.segment_ids)} segments."
+                                    f"{table}{kept}")
         self.refreshReview()
 
     def onCancel(self):
@@ -531,7 +575,11 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is None:
             self.timer.stop()
             return
-        if not job.done():
+        finished = job.done()
+        if not finished:
+            if self.jobPreview is not None and job.preview() is not None and "preview_segments" not in job.metadata:
+                with slicer.util.tryWithErrorDisplay("Could not show the quick result."):
+                    self.jobPreview(job)
             self.ui.progressBar.value = int(100 * job.progress)
             self.ui.statusLabel.text = job.status_text
             return
@@ -539,15 +587,18 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.job, onFinished = None, self.jobFinished
         self.ui.progressBar.hide()
         self.sceneChanged = False
+        # A quick result already shown stays when the exact run is cancelled or fails (see logic.py).
+        kept = (" The quick result stays (segments named \"... (quick result)\")."
+                if job.metadata.get("preview_segments") else " Nothing was changed.")
         try:
             onFinished(job)
         except JobCancelled:
-            self.ui.statusLabel.text = "Cancelled. Nothing was changed."
+            self.ui.statusLabel.text = "Cancelled." + kept
         except Exception as error:
             logging.error(job.error_details or repr(error))
             # say what the scene now holds: a step after the segments went in must not claim "nothing changed"
             self.ui.statusLabel.text = ("The segments were added, but a later step failed." if self.sceneChanged
-                                        else "Failed. Nothing was changed.")
+                                        else "Failed." + kept)
             slicer.util.errorDisplay(plain_message(error), detailedText=job.error_details or None)
         self.updateDependentWidgets()
 

@@ -5,6 +5,7 @@
     universalseg classes
     universalseg batch CT_FOLDER/ -o out/      # a whole corpus: resumable, review queue (see README)
     universalseg models list | download NAME | import FILE | info NAME|FILE | convert FILE OUT.safetensors
+    universalseg review ~/ct      # review and correct in the browser (pip install "universalseg[web]")
 """
 from __future__ import annotations
 
@@ -165,6 +166,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_review(args: argparse.Namespace) -> int:
+    try:  # the web extra is optional: the rest of the command works without it
+        import trame_slicer  # noqa: F401  (the extra's main package; its absence means no extra)
+        from UniversalSegWeb.cli import run_review
+    except ImportError as error:
+        raise UsageError(f"'universalseg review' needs the web extra ({error.name or error} is missing): "
+                         'pip install "universalseg[web]"') from None
+    return run_review(args)
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -228,6 +239,24 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--overwrite", action="store_true")
     mod.add_argument("--quiet", action="store_true")
     mod.set_defaults(func=_cmd_models)
+
+    rev = sub.add_parser("review", help="review and correct segmentations in the browser (needs the web extra)",
+                         description="Start the review page and print its address. It listens on 127.0.0.1 "
+                                     "unless --host says otherwise; on any other address every connection needs "
+                                     "the access token (generated and printed, or --token). The page opens and "
+                                     "writes files only inside the given folders.")
+    rev.add_argument("folders", nargs="*", metavar="FOLDER",
+                     help="folders the page may open and write (CTs, batch folders, exports; default: the current one)")
+    rev.add_argument("--allow", nargs="+", default=[], metavar="DIR", help="more allowed folders")
+    rev.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this computer only)")
+    rev.add_argument("--port", type=int, default=0, help="port (default: a free one, printed)")
+    rev.add_argument("--token", help="access token (default: generated when --host is not a loopback address)")
+    rev.add_argument("--model", help="model offered first: installed model name or checkpoint file "
+                                     "(the packaged demo model and the downloaded models are always offered)")
+    rev.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest accepted upload (default: 1024 MB)")
+    rev.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    rev.add_argument("--runtime", choices=list(RUNTIMES), help="as for segment (default: $UNIVERSALSEG_RUNTIME or auto)")
+    rev.set_defaults(func=_cmd_review)
 
     from .batch.cli import add_batch_commands
 

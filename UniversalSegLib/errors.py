@@ -31,6 +31,8 @@ __all__ = [
     "TaxonomyError", "UnknownClassError", "CheckpointError", "ModelNotAvailable", "ChecksumMismatch",
     "TextEncoderUnavailable", "InferenceError", "InferenceCancelled", "PostprocessError", "MissingInputError",
     "MRMLBridgeError",
+    # the browser review app (``universalseg review``)
+    "AccessDenied", "UploadRejected", "CaseLocked",
 ]
 
 #: Exit codes of the ``universalseg`` command (printed by ``universalseg --help``).
@@ -267,3 +269,26 @@ class MissingInputError(PostprocessError):
 
 class MRMLBridgeError(InputError, ValueError):
     """A Slicer node cannot be converted (no image, several components, non-linear transform, ...)."""
+
+
+# ------------------------------------------------------------------ the browser review app (``review``)
+class AccessDenied(InputError, PermissionError):
+    """A path asked for through the review app lies outside the folders the server may open (after
+    following ``..`` and symbolic links); the message names the path and the allowed folders."""
+
+
+class UploadRejected(InputError, ValueError):
+    """A file uploaded through the review app was refused (too large, a name or format that cannot be
+    accepted, or content the readers reject); nothing of it was kept. The message says why."""
+
+
+class CaseLocked(OutputError):
+    """Another review session (another browser, process or machine) is working on the case.
+
+    :attr:`holder` is the lock's record (``holder``, ``host``, ``pid``, ``started``, ``heartbeat``); the
+    message names who holds the case and since when.
+    """
+
+    def __init__(self, message: str, holder: dict | None = None) -> None:
+        super().__init__(message)
+        self.holder = dict(holder or {})

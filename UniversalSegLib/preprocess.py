@@ -171,6 +171,8 @@ def preprocess(
             cropping) no voxel lies above the lower end of the HU window.
     """
     import torch
+
+    from . import monai_import  # noqa: F401  (MONAI without torchvision)
     from monai.data import MetaTensor
     from monai.transforms import CropForeground, Orientation, ScaleIntensityRange, Spacing
     from monai.utils import SpaceKeys

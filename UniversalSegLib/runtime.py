@@ -25,7 +25,6 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -126,38 +125,54 @@ class _FixedClassNetwork(nn.Module):
         return self.model(window, channels=self.channels)
 
 
-@dataclass
 class OpenVINOWindowNetwork:
-    """A compiled OpenVINO network with PyTorch's window-forward signature: ``(B, 1, *roi) -> (B, K, *roi)``.
+    """An OpenVINO network compiled from ``path`` (an IR ``.xml``) with PyTorch's window-forward signature:
+    ``(B, 1, *roi) -> (B, K, *roi)``.
 
-    ``converted`` says whether this call converted the model (first use) or read the cache; ``seconds`` is
-    the time the preparation took.
+    ``converted`` says whether preparing it converted the model (first use) or read the cache; ``seconds`` is
+    the time the preparation took. The compiled network holds about 1.3 GB for the full Swin UNETR (the
+    weights, mapped from the cache file, with their kernels' repacked copies; the intermediates of a window),
+    which :meth:`release` frees between runs; the next window compiles it again from ``path`` (and OpenVINO's
+    compiled-network cache in ``cache_dir``), under a second.
     """
 
-    compiled: object
-    key: str
-    converted: bool
-    seconds: float
+    def __init__(self, path: str | os.PathLike, threads: int, key: str = "", converted: bool = False,
+                 seconds: float = 0.0, cache_dir: str | os.PathLike | None = None) -> None:
+        self.path, self.threads, self.cache_dir = Path(path), int(threads), cache_dir
+        self.key, self.converted, self.seconds = key, converted, seconds
+        self._compiled = None
+        self._request = None  # made at the first window, dropped by release()
 
-    def __post_init__(self) -> None:
-        self._request = None  # made at the first window, dropped by release_request()
+    @property
+    def compiled(self):
+        """The compiled network (compiled again if :meth:`release` dropped it)."""
+        if self._compiled is None:
+            self._compiled = _compile(self.path, self.threads, self.cache_dir)
+        return self._compiled
 
-    def release_request(self) -> None:
-        """Drop the infer request between runs: its input/output tensors and part of the intermediates
-        (about 0.23 GB for the full Swin UNETR) are freed for the post-processing; the next window makes a
-        new one (cheap; the compiled network and its weights stay)."""
-        self._request = None
+    def available(self) -> bool:
+        """False when the files it compiles from are gone (another process pruned the cache entry)."""
+        return self._compiled is not None or (self.path.is_file() and self.path.with_suffix(".bin").is_file())
 
-    def __call__(self, windows: torch.Tensor) -> torch.Tensor:
+    def release(self) -> None:
+        """Free the compiled network and its infer request (weights and a window's intermediates) until
+        the next window, e.g. for a run's post-processing."""
+        if self._request is None and self._compiled is None:
+            return
+        self._request = self._compiled = None
+        trim_heap()
+
+    def __call__(self, windows: torch.Tensor, share_output: bool = False) -> torch.Tensor:
+        """Logits of ``windows``; a new tensor, or with ``share_output`` (one window) the request's own output
+        buffer, which the next call overwrites: for a caller that is done with it by then (the streaming
+        sliding window), it saves a copy of the logits (113 MB for 32 classes of a 96^3 window)."""
         if self._request is None:
             self._request = self.compiled.create_infer_request()
+        share = share_output and len(windows) == 1
         outputs = []
         for window in windows.detach().cpu().float():  # the network is compiled for one window
             array = window[None].contiguous().numpy()
-            # share_outputs=False (the default): the request reuses its output buffer, so take a copy.
-            # (Sharing it with the sliding window saved only 33 MB of peak RSS end to end: not worth the
-            # aliasing.)
-            outputs.append(torch.from_numpy(self._request.infer([array])[0]))
+            outputs.append(torch.from_numpy(self._request.infer([array], share_outputs=share)[0]))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
@@ -239,7 +254,8 @@ def prune_cache(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _compile(entry: Path, threads: int):
+def _compile(path: Path, threads: int, cache_dir: str | os.PathLike | None = None):
+    """``path`` (IR .xml) compiled for the CPU in float32; OpenVINO keeps its compiled form in ``cache_dir``."""
     import openvino
 
     core = openvino.Core()
@@ -247,9 +263,10 @@ def _compile(entry: Path, threads: int):
         "INFERENCE_NUM_THREADS": int(threads),
         "INFERENCE_PRECISION_HINT": "f32",  # never bf16/fp16 behind our back (module doc)
         "PERFORMANCE_HINT": "LATENCY",  # one window at a time, all threads on it
-        "CACHE_DIR": str(entry / "compiled"),
     }
-    compiled = core.compile_model(str(entry / "model.xml"), "CPU", config)
+    if cache_dir is not None:
+        config["CACHE_DIR"] = str(cache_dir)
+    compiled = core.compile_model(str(path), "CPU", config)
     precision = compiled.get_property("INFERENCE_PRECISION_HINT")
     if precision != openvino.Type.f32:
         raise RuntimeUnavailableError(f"OpenVINO compiled the network in {precision}, not float32.")
@@ -272,9 +289,11 @@ def prepare_openvino(model: nn.Module, channels: Sequence[int], roi_size: Sequen
     if entry.exists():
         if _entry_is_intact(entry):
             try:
-                compiled = _compile(entry, threads)
+                network = _entry_network(entry, threads, key, converted=False)
+                network.compiled  # compiled now: a failure means the entry is rebuilt
                 os.utime(entry)  # most recently used: pruned last
-                return OpenVINOWindowNetwork(compiled, key, converted=False, seconds=time.perf_counter() - t0)
+                network.seconds = time.perf_counter() - t0
+                return network
             except RuntimeUnavailableError:
                 raise
             except Exception as err:  # noqa: BLE001 - any failure to load an entry means: rebuild it
@@ -286,5 +305,11 @@ def prepare_openvino(model: nn.Module, channels: Sequence[int], roi_size: Sequen
     _save_entry(ov_model, root, entry)
     del ov_model
     prune_cache(root, MAX_CACHE_ENTRIES)
-    compiled = _compile(entry, threads)
-    return OpenVINOWindowNetwork(compiled, key, converted=True, seconds=time.perf_counter() - t0)
+    network = _entry_network(entry, threads, key, converted=True)
+    network.compiled  # compiled now, so the preparation's time and errors are the convert stage's
+    network.seconds = time.perf_counter() - t0
+    return network
+
+
+def _entry_network(entry: Path, threads: int, key: str, converted: bool) -> OpenVINOWindowNetwork:
+    return OpenVINOWindowNetwork(entry / "model.xml", threads, key, converted, cache_dir=entry / "compiled")

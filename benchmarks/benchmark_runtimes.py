@@ -233,7 +233,9 @@ def main() -> None:
     parser.add_argument("--e2e-torch", action="store_true", help="also run the PyTorch runtime end to end")
     parser.add_argument("--output", help="append the JSON record to this file")
     args = parser.parse_args()
-    out: dict = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count()}
+    out: dict = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+                 "load_avg": os.getloadavg()}
+    print(f"{out['when']}, load average {out['load_avg'][0]:.1f} (other processes slow every timing)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         # A fresh cache: part 2 measures the first-use conversion, part 4 then starts from the cache.
         os.environ["UNIVERSALSEG_HOME"] = str(Path(tmp) / "home")
@@ -265,6 +267,8 @@ def main() -> None:
                       f"({r['windows']} windows; {stages})", flush=True)
             print(f"official pipeline (README): sliding window alone {OFFICIAL['sliding_window_s'] / 60:.1f} min, "
                   f"peak RSS {OFFICIAL['peak_rss_mb'] / 1000:.1f} GB", flush=True)
+    out["load_avg_after"] = os.getloadavg()
+    print(f"load average at the end: {out['load_avg_after'][0]:.1f}", flush=True)
     if args.output:
         with open(args.output, "a") as f:
             f.write(json.dumps(out) + "\n")

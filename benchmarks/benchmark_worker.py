@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """The Slicer module's worker process: a first run (worker start + model load + inference) against a second
-run on the same model (the model stays loaded), and a third with another class choice.
+run on the same model (the model stays loaded), and a third with another class choice. With
+``--progressive`` the third is a progressive run instead: the time to the quick (fast layout) preview and to
+the exact result, against the second run's exact result alone.
 
 Drives :class:`UniversalSegLib.worker.WorkerProcess` exactly as the Slicer module does (voxels and affine
 through the exchange folder, progress and answers from the events file, polled), on a CT file, and prints
@@ -8,7 +10,7 @@ per run: the wall time from request to answer (what the user waits for after App
 inside it and the worker's own stage timings.
 
     python benchmarks/benchmark_worker.py [--model PATH_OR_NAME | --fixture-model swinunetr] [--ct CT.nii.gz]
-        [--crop 48] [--device cpu] [--threads 2] [--runtime torch]
+        [--crop 48] [--device cpu] [--threads 2] [--runtime torch] [--progressive]
 
 Defaults: the packaged demo model and the shared example CT. ``--fixture-model`` uses the full-size network
 with the fidelity fixture's weights (the official model's size: its load time is the real one);
@@ -31,20 +33,31 @@ from UniversalSegLib.worker import WorkerProcess  # noqa: E402
 from UniversalSegLib.worker.protocol import write_volume  # noqa: E402
 
 
-def run(worker: WorkerProcess, volume, model: str, device: str, threads: int, classes=None, runtime=None) -> dict:
+def run(worker: WorkerProcess, volume, model: str, device: str, threads: int, classes=None, runtime=None,
+        progressive: bool = False) -> dict:
+    """One request, polled as the module does; the answer with ``wall`` (request to result) and, for a
+    progressive run, ``preview_wall`` (request to the preview's arrival)."""
     events = []
     request_id = worker.new_request_id()
     started = time.perf_counter()
     name = write_volume(worker.folder, request_id, volume.array)
     worker.send(request_id, "segment", events.append, volume=name, affine=volume.affine.tolist(), model=model,
-                device=device, threads=threads, classes=classes, runtime=runtime)
+                device=device, threads=threads, classes=classes, runtime=runtime, progressive=progressive)
+    preview_wall = None
     while not events or events[-1]["event"] not in ("result", "error", "cancelled", "died"):
         worker.poll()
+        if preview_wall is None and any(e["event"] == "preview" for e in events):
+            preview_wall = time.perf_counter() - started
         time.sleep(0.01)
     answer = events[-1]
     if answer["event"] != "result":
         raise SystemExit(f"the run failed: {answer}")
     answer["wall"] = time.perf_counter() - started
+    answer["preview_wall"] = preview_wall
+    preview = next((e for e in events if e["event"] == "preview"), None)
+    if preview is not None:
+        answer["preview_timings"] = preview["timings"]
+        worker.discard(preview["output"])
     worker.discard(name)
     worker.discard(answer["output"])
     return answer
@@ -59,6 +72,8 @@ def main() -> None:
     parser.add_argument("--runtime", default=None, help="auto, torch or openvino (default: the library's choice)")
     parser.add_argument("--fixture-model", choices=("swinunetr", "unet"), default=None)
     parser.add_argument("--crop", type=int, default=0)
+    parser.add_argument("--progressive", action="store_true",
+                        help="add a progressive run: time to the quick preview and to the exact result")
     args = parser.parse_args()
 
     import tempfile
@@ -86,17 +101,37 @@ def main() -> None:
     try:
         first = run(worker, volume, args.model, args.device, args.threads, runtime=args.runtime)
         second = run(worker, volume, args.model, args.device, args.threads, runtime=args.runtime)
-        other = run(worker, volume, args.model, args.device, args.threads, classes=first["classes"][:2],
-                    runtime=args.runtime)
+        if args.progressive:
+            progressive = run(worker, volume, args.model, args.device, args.threads, runtime=args.runtime,
+                              progressive=True)
+        else:
+            other = run(worker, volume, args.model, args.device, args.threads, classes=first["classes"][:2],
+                        runtime=args.runtime)
     finally:
         worker.stop()
         scratch.cleanup()
+    if hasattr(os, "getloadavg"):  # other jobs on the machine inflate wall times: say how busy it was
+        print(f"load average at the end: {', '.join(f'{v:.1f}' for v in os.getloadavg())} (1, 5, 15 min)")
     print(f"{'run':<28}{'wall s':>8}{'model load s':>14}{'loaded now':>12}  worker stages (s)")
-    for label, answer in (("first (starts the worker)", first), ("second (same model)", second),
-                          ("third (2 classes)", other)):
+    runs = [("first (starts the worker)", first), ("second (same model)", second)]
+    if not args.progressive:
+        runs.append(("third (2 classes)", other))
+    for label, answer in runs:
         stages = ", ".join(f"{k} {v:.2f}" for k, v in answer["timings"].items())
         print(f"{label:<28}{answer['wall']:>8.2f}{answer['load_seconds']:>14.3f}{str(answer['model_loaded']):>12}  "
               f"{stages}")
+    if args.progressive:
+        if progressive["preview_wall"] is None:
+            print(f"progressive run: no preview (device {progressive['device']}, mode {progressive['mode']}); "
+                  f"result after {progressive['wall']:.2f} s")
+            return
+        quick = ", ".join(f"{k} {v:.2f}" for k, v in progressive["preview_timings"].items())
+        exact = ", ".join(f"{k} {v:.2f}" for k, v in progressive["timings"].items())
+        print(f"progressive run ({progressive['runtime']}): quick result after {progressive['preview_wall']:.2f} s "
+              f"({quick}), exact result after {progressive['wall']:.2f} s ({exact}); the exact result alone "
+              f"(second run) took {second['wall']:.2f} s: the preview comes "
+              f"{second['wall'] / progressive['preview_wall']:.1f}x sooner and delays the exact result by "
+              f"{progressive['wall'] - second['wall']:+.2f} s")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Rules that keep the scene safe:
 
 * the worker receives only voxel copies and paths; it never touches MRML or VTK objects;
 * results are applied to the scene by the main thread after :meth:`BackgroundJob.done`, in one step, so
-  cancel or failure leave the scene exactly as it was;
+  cancel or failure leave the scene exactly as it was (except a quick preview the caller chose to show,
+  see :meth:`BackgroundJob.preview`);
 * Cancel ends the job at once (the panel is free again); the worker stops at its next check and the
   result it may still produce is discarded.
 """
@@ -23,7 +24,8 @@ from UniversalSegLib.errors import Interrupted
 from UniversalSegLib.settings import CONVERT_STAGE, CONVERT_STAGE_LABEL
 from UniversalSegLib.settings import STAGE_LABELS as _LIBRARY_STAGE_LABELS
 
-__all__ = ["JobState", "JobCancelled", "BackgroundJob", "STAGE_LABELS", "STAGE_WEIGHTS"]
+__all__ = ["JobState", "JobCancelled", "BackgroundJob", "STAGE_LABELS", "STAGE_WEIGHTS", "PHASE_WEIGHTS",
+           "PREVIEW_SHOWN_TEXT"]
 
 #: Plain-language labels of the stages a job reports (the module's own around the library's).
 STAGE_LABELS = {
@@ -38,6 +40,11 @@ STAGE_LABELS = {
 #: Share of the whole run each stage takes, for one overall progress bar.
 STAGE_WEIGHTS = {"load": 0.05, "check": 0.02, "preprocess": 0.05, CONVERT_STAGE: 0.0, "inference": 0.78,
                  "postprocess": 0.05, "invert": 0.05}
+#: Share of a progressive run each phase takes: the fast layout's preview has about a quarter of the
+#: default layout's windows (overlap 0 instead of 0.5 halves the windows along each axis that is long enough).
+PHASE_WEIGHTS = {"preview": 0.2, "exact": 0.8}
+#: What the panel says while a shown quick result waits for the exact one.
+PREVIEW_SHOWN_TEXT = "Quick result shown; exact result in progress"
 
 
 class JobState(str, Enum):
@@ -63,8 +70,12 @@ class BackgroundJob:
     """
 
     def __init__(self, description: str, on_progress: Callable[[str, float], None] | None = None,
-                 poll: Callable[[], None] | None = None, on_cancel: Callable[[], None] | None = None):
+                 poll: Callable[[], None] | None = None, on_cancel: Callable[[], None] | None = None,
+                 on_preview: Callable[[Any], None] | None = None):
         self.description = description
+        self.phase: str | None = None  # progressive runs: "preview" (fast layout) or "exact"
+        self._preview: Any = None
+        self._on_preview = on_preview
         self.state = JobState.QUEUED
         self.stage = "queued"
         self.stage_fraction = 0.0
@@ -81,10 +92,12 @@ class BackgroundJob:
         self.metadata: dict = {}
 
     # -- fed by the worker's events
-    def report(self, stage: str, fraction: float) -> None:
+    def report(self, stage: str, fraction: float, phase: str | None = None) -> None:
         if self._finished:
             return
         self.state = JobState.RUNNING
+        if phase is not None:
+            self.phase = phase
         self.stage, self.stage_fraction = stage, min(max(float(fraction), 0.0), 1.0)
         if self._on_progress is not None:
             self._on_progress(stage, self.stage_fraction)
@@ -94,6 +107,18 @@ class BackgroundJob:
             self._result, self.state = value, JobState.SUCCEEDED
             self.stage, self.stage_fraction = "done", 1.0
             self._finish()
+
+    def set_preview(self, value: Any) -> None:
+        """A quick result that arrived before the exact one (``on_preview(value)`` is called, in :meth:`done`)."""
+        if not self._finished:
+            self._preview = value
+            if self._on_preview is not None:
+                self._on_preview(value)
+
+    def preview(self) -> Any:
+        """The quick result of a progressive run once it arrived (None before, and for other runs); it stays
+        available after the job ended (cancelled or failed too)."""
+        return self._preview
 
     def fail(self, error: BaseException, details: str = "") -> None:
         if not self._finished:
@@ -166,13 +191,22 @@ class BackgroundJob:
         if self.stage not in STAGE_WEIGHTS:
             return 0.0
         before = sum(STAGE_WEIGHTS[s] for s in order[: order.index(self.stage)])
-        return min(1.0, before + STAGE_WEIGHTS[self.stage] * self.stage_fraction)
+        within = min(1.0, before + STAGE_WEIGHTS[self.stage] * self.stage_fraction)
+        if self.phase not in PHASE_WEIGHTS:
+            return within
+        start = PHASE_WEIGHTS["preview"] if self.phase == "exact" else 0.0
+        if self.phase == "exact" and self.stage in ("load", "check"):
+            within = 0.0  # load and check ran once, before the preview
+        return min(1.0, start + PHASE_WEIGHTS[self.phase] * within)
 
     @property
     def status_text(self) -> str:
         if self.state is JobState.RUNNING or self.state is JobState.QUEUED:
             label = STAGE_LABELS.get(self.stage, self.stage)
-            return f"{label} ({100 * self.stage_fraction:.0f} %)" if self.stage == "inference" else label
+            text = f"{label} ({100 * self.stage_fraction:.0f} %)" if self.stage == "inference" else label
+            if self._preview is not None:
+                return f"{PREVIEW_SHOWN_TEXT}: {text[:1].lower()}{text[1:]}"
+            return f"Quick result: {text[:1].lower()}{text[1:]}" if self.phase == "preview" else text
         if self.state is JobState.FAILED:
             return f"Failed: {self.error}"
         return {JobState.SUCCEEDED: "Finished", JobState.CANCELLED: "Cancelled"}[self.state]

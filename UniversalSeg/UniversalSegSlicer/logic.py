@@ -8,12 +8,21 @@ Slicer application), so the same code runs in Slicer and under pytest on the ``s
     ...                                   # the GUI keeps running; job.done() (from a timer), job.cancel()
     applied = logic.apply_result(job, ct_node)          # main thread, one step
 
+With ``progressive=True`` on a CPU the worker first sends the fast layout's result: ``job.preview()`` is set
+and :meth:`SegmentationLogic.apply_preview` shows it as segments named "<class> (quick result)"; the exact
+result replaces them in :meth:`SegmentationLogic.apply_result`, except those a person edited or accepted
+meanwhile, which are kept. When the exact run is cancelled or fails, the shown preview stays in the scene,
+marked as the quick result: the user has seen it and may already be working on it, and it is a complete
+result of the fast mode, not a half-written one. Deleting its segments is quick; a preview taken away
+could not be brought back without running again.
+
 Inference runs in a persistent worker process (:mod:`UniversalSegLib.worker`) that keeps the model loaded
 between runs: this process never imports PyTorch or MONAI, so it never holds their memory or DLLs, and
 a worker that dies (out of memory, CUDA error, killed) is replaced on the next request.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -34,7 +43,7 @@ from .clickselect import CachedPrediction, ClassHit, PredictionCache, volume_fin
 from .estimate import RunEstimate, estimate_run
 from .export import export_training_case
 from .jobs import BackgroundJob, JobCancelled
-from .results import AppliedResult, class_segment_ids, insert_class_masks
+from .results import AppliedResult, class_segment_ids, insert_class_masks, preview_mode
 from .review import EditTracker, review_state, set_review_state
 from .statistics import SegmentStatistics, segment_statistics, write_statistics_table
 
@@ -67,6 +76,7 @@ class SegmentationOutcome:
     volume_node_id: str
     statistics: dict = None  # class index -> {"voxels", "volume_ml", "mean_hu"} (measured by the worker)
     info: dict = None  # the worker's answer: model_loaded, load_seconds, seconds, runtime, mode, device...
+    preview: bool = False  # the quick result of a progressive run (fast layout), not the exact one
 
 
 def worker_python() -> str:
@@ -215,15 +225,20 @@ class SegmentationLogic:
         return freed
 
     @staticmethod
-    def _listener(job: BackgroundJob, on_result, on_end=None):
-        """Turns a request's worker events into the job's state (``on_result(event)`` gives its value)."""
+    def _listener(job: BackgroundJob, on_result, on_end=None, on_preview=None):
+        """Turns a request's worker events into the job's state (``on_result(event)`` gives its value,
+        ``on_preview(event)`` a progressive run's quick result)."""
         from UniversalSegLib.worker import error_from_event
 
         def listener(event: dict) -> None:
             kind = event.get("event")
             try:
                 if kind == "progress":
-                    job.report(event["stage"], event["fraction"])
+                    job.report(event["stage"], event["fraction"], event.get("phase"))
+                elif kind == "preview" and on_preview is not None:
+                    value = on_preview(event)  # None for a job that has ended meanwhile
+                    if value is not None:
+                        job.set_preview(value)
                 elif kind == "result":
                     if not job.finished:  # a cancelled job's late result is not even read
                         job.succeed(on_result(event))
@@ -240,7 +255,7 @@ class SegmentationLogic:
 
                 job.fail(error, traceback.format_exc())
             finally:
-                if kind != "progress" and on_end is not None:
+                if kind not in ("progress", "preview") and on_end is not None:
                     on_end(event)
 
         return listener
@@ -260,7 +275,8 @@ class SegmentationLogic:
     def start_segmentation(self, volume_node, classes: str | Sequence[str | int | ClassInfo] | None, model,
                            device: str = "auto", on_progress: Callable[[str, float], None] | None = None,
                            keep_prediction: bool | None = None, mode: str = "default",
-                           runtime: str | None = None) -> BackgroundJob:
+                           runtime: str | None = None, progressive: bool = False,
+                           on_preview: Callable[[SegmentationOutcome], None] | None = None) -> BackgroundJob:
         """Start segmenting ``classes`` (None: all classes of the model) of ``volume_node`` in the background.
 
         The volume's voxels are copied now, so the scene may change while the job runs. When all classes
@@ -269,6 +285,11 @@ class SegmentationLogic:
         an inference mode of :data:`UniversalSegLib.settings.MODES` ("default", "fast", "reference");
         ``runtime`` one of :data:`UniversalSegLib.settings.RUNTIMES` ("auto": OpenVINO on a CPU when installed;
         None: ``$UNIVERSALSEG_RUNTIME`` or "auto").
+
+        ``progressive``: when the worker runs on a CPU in the default mode, it first computes the fast
+        layout with the same loaded model and sends it as ``job.preview()`` (a :class:`SegmentationOutcome`
+        with ``preview=True``; see :meth:`apply_preview`), then the exact result. Ignored on a GPU and in the
+        other modes. ``on_preview(outcome)`` is called when it arrives (in ``job.done()``).
         """
         volume = volume_from_node(volume_node)  # a copy: the scene may change while the worker runs
         fingerprint = volume_fingerprint(volume_node)
@@ -283,7 +304,7 @@ class SegmentationLogic:
         request_id = worker.new_request_id()
         volume_file = write_volume(worker.folder, request_id, volume.array)
         job = BackgroundJob(f"UniversalSeg on {volume_node.GetName()}", on_progress, poll=worker.poll,
-                            on_cancel=lambda: worker.cancel(request_id))
+                            on_cancel=lambda: worker.cancel(request_id), on_preview=on_preview)
 
         def on_result(event: dict) -> SegmentationOutcome:
             result = read_result(worker.folder / event["output"])
@@ -295,17 +316,36 @@ class SegmentationLogic:
                 self.predictions.put((fingerprint, model_key), CachedPrediction(result, done, statistics))
             return SegmentationOutcome(result, done, model_name, taxonomy, volume_id, statistics, self.last_run)
 
+        def on_preview(event: dict) -> SegmentationOutcome | None:
+            try:
+                if job.finished:  # cancelled meanwhile: not even read
+                    return None
+                result = read_result(worker.folder / event["output"])
+            finally:
+                worker.discard(event["output"])  # read once, into memory
+            done = [taxonomy[index] for index in event["classes"]]
+            statistics = {row["index"]: row for row in event.get("statistics", [])}
+            info = {key: value for key, value in event.items() if key != "statistics"}
+            return SegmentationOutcome(result, done, model_name, taxonomy, volume_id, statistics, info, preview=True)
+
         def on_end(event: dict) -> None:  # the request's files are not needed any more
             worker.discard(volume_file)
             if event.get("output"):
                 worker.discard(event["output"])
 
-        worker.send(request_id, "segment", self._listener(job, on_result, on_end), volume=volume_file,
+        worker.send(request_id, "segment", self._listener(job, on_result, on_end, on_preview), volume=volume_file,
                     affine=[[float(v) for v in row] for row in volume.affine], source=str(volume.source),
                     model=str(self.resolve_model(model)), device=device, mode=mode, runtime=runtime,
                     threads=self._worker_threads(device),
-                    classes=None if all_classes else [c.index for c in requested], keep_probabilities=keep)
+                    classes=None if all_classes else [c.index for c in requested], keep_probabilities=keep,
+                    progressive=bool(progressive))
         return job
+
+    @staticmethod
+    def progressive_default(device: str) -> bool:
+        """Whether "show a quick result first" starts on for ``device``: on a CPU yes (the exact run takes
+        minutes there); on a GPU no (the exact result comes in seconds; the worker ignores it there anyway)."""
+        return device == "cpu" or (device == "auto" and not _cuda_likely())
 
     def _worker_threads(self, device: str) -> int | None:
         if self.threads is not None or device == "cuda":
@@ -338,19 +378,87 @@ class SegmentationLogic:
         Raises the job's error (the scene is untouched), :class:`~.jobs.JobCancelled`, or
         :class:`~.results.ExistingSegmentsError` when classes already have segments and
         ``replace_existing`` is False (nothing changed; call again with True after asking the user).
+
+        When :meth:`apply_preview` showed this job's quick result, the exact segments replace the preview
+        segments in the same step (same IDs and order; ``segmentation_node`` None: the preview's node), except
+        those a person edited or accepted meanwhile: they are kept, listed in ``kept_previews``, and their
+        class's exact mask is not applied (``job.result().result.masks`` still has it).
         """
         outcome: SegmentationOutcome = job.result()
         if volume_node.GetID() != outcome.volume_node_id:
             raise ValueError("This result belongs to another volume.")
-        return self._insert(volume_node, outcome.result.masks, outcome.classes, segmentation_node, replace_existing,
-                            outcome.model_name, show_3d, statistics, outcome.statistics)
+        shown = job.metadata.get("preview_segments")
+        if not shown:
+            return self._insert(volume_node, outcome.result.masks, outcome.classes, segmentation_node,
+                                replace_existing, outcome.model_name, show_3d, statistics, outcome.statistics)
+        preview_node = self.scene.GetNodeByID(shown["node_id"])
+        if segmentation_node is None and preview_node is not None:
+            segmentation_node = preview_node
+        untouched, kept = self._preview_segments(preview_node, shown["segment_ids"])
+        if preview_node is not None and preview_node is not segmentation_node:  # the exact result goes elsewhere
+            self._remove_segments(preview_node, untouched.values())
+            untouched = {}
+        masks = {index: mask for index, mask in outcome.result.masks.items() if index not in kept}
+        classes = [info for info in outcome.classes if info.index not in kept]
+        if not masks:
+            applied = AppliedResult(segmentation_node)
+        else:
+            applied = self._insert(volume_node, masks, classes, segmentation_node, replace_existing,
+                                   outcome.model_name, show_3d, statistics, outcome.statistics,
+                                   replace_segments=untouched)
+        applied.kept_previews = kept
+        job.metadata["preview_segments"] = None  # replaced: a second apply is an ordinary one
+        return applied
+
+    def apply_preview(self, job: BackgroundJob, volume_node, segmentation_node=None, replace_existing: bool = False,
+                      show_3d: bool = False, statistics: bool = True) -> AppliedResult | None:
+        """Show a progressive job's quick result (``job.preview()``) as segments named "<class> (quick
+        result)" and tagged :data:`~.results.TAG_PREVIEW`, in one step; None when no preview has arrived (or
+        it was shown already). Existing segments follow the rules of :meth:`apply_result`. The exact result
+        replaces these segments in :meth:`apply_result`; if the job is cancelled or fails, they stay.
+        """
+        outcome = job.preview()
+        if outcome is None or "preview_segments" in job.metadata:
+            return None
+        if volume_node.GetID() != outcome.volume_node_id:
+            raise ValueError("This result belongs to another volume.")
+        applied = self._insert(volume_node, outcome.result.masks, outcome.classes, segmentation_node,
+                               replace_existing, outcome.model_name, show_3d, statistics, outcome.statistics,
+                               preview=str(outcome.info.get("mode", "fast")))
+        job.metadata["preview_segments"] = {"node_id": applied.segmentation_node.GetID(),
+                                            "segment_ids": dict(applied.segment_ids)}
+        return applied
+
+    def _preview_segments(self, segmentation_node, segment_ids: dict) -> tuple[dict, dict]:
+        """The shown preview's segments still in ``segmentation_node``: ``(untouched, kept)``, both
+        ``{class index: segment id}``; kept ones were edited or accepted by a person (review state)."""
+        if segmentation_node is None:
+            return {}, {}
+        tracker = self._trackers.get(segmentation_node.GetID())
+        if tracker is not None:
+            tracker.resolve()  # edits that did not name the segment (overwrite in a shared layer)
+        segmentation = segmentation_node.GetSegmentation()
+        untouched, kept = {}, {}
+        for index, segment_id in segment_ids.items():
+            segment = segmentation.GetSegment(segment_id)
+            if segment is None or not preview_mode(segment):  # deleted or replaced meanwhile
+                continue
+            (untouched if review_state(segment) == "unreviewed" else kept)[int(index)] = segment_id
+        return untouched, kept
+
+    def _remove_segments(self, segmentation_node, segment_ids) -> None:
+        tracker = self._trackers.get(segmentation_node.GetID())
+        segmentation = segmentation_node.GetSegmentation()
+        with (tracker.suspended() if tracker is not None else contextlib.nullcontext()):
+            for segment_id in list(segment_ids):
+                segmentation.RemoveSegment(segment_id)
 
     def _insert(self, volume_node, masks, classes, segmentation_node, replace_existing, model_name, show_3d,
-                statistics, measured=None) -> AppliedResult:
+                statistics, measured=None, preview: str = "", replace_segments=None) -> AppliedResult:
         tracker = self._trackers.get(segmentation_node.GetID()) if segmentation_node is not None else None
         applied = insert_class_masks(self.scene, volume_node, masks, classes, segmentation_node,
                                      replace_existing=replace_existing, model_name=model_name, show_3d=show_3d,
-                                     tracker=tracker)
+                                     tracker=tracker, preview=preview, replace_segments=replace_segments)
         self.track_edits(applied.segmentation_node)
         if statistics:
             known = {}

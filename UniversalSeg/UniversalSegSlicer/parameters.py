@@ -39,6 +39,9 @@ class ModuleParameters:
     show_3d: bool = False  # closed surfaces are built on the main thread: opt-in (slow on large CTs)
     mode: str = "default"
     runtime: str = "auto"
+    #: Show the fast layout's result first, then the exact one (CPU runs in the default mode); None: not
+    #: chosen yet, the panel decides from the device (on for a CPU, see SegmentationLogic.progressive_default).
+    progressive: bool | None = None
 
     @classmethod
     def read(cls, node) -> "ModuleParameters":
@@ -48,6 +51,7 @@ class ModuleParameters:
         device = node.GetParameter("Device") or defaults.device
         mode = node.GetParameter("Mode") or defaults.mode
         runtime = node.GetParameter("Runtime") or defaults.runtime
+        progressive = node.GetParameter("Progressive")
         return cls(
             input_volume_id=node.GetNodeReferenceID(_INPUT_REFERENCE),
             output_segmentation_id=node.GetNodeReferenceID(_OUTPUT_REFERENCE),
@@ -57,6 +61,7 @@ class ModuleParameters:
             show_3d=(node.GetParameter("Show3D") or ("true" if defaults.show_3d else "false")) == "true",
             mode=mode if mode in dict(MODES) else defaults.mode,
             runtime=runtime if runtime in dict(RUNTIMES) else defaults.runtime,
+            progressive={"true": True, "false": False}.get(progressive, defaults.progressive),
         )
 
     def write(self, node) -> None:
@@ -71,5 +76,7 @@ class ModuleParameters:
             node.SetParameter("Show3D", "true" if self.show_3d else "false")
             node.SetParameter("Mode", self.mode)
             node.SetParameter("Runtime", self.runtime)
+            node.SetParameter("Progressive", "" if self.progressive is None else
+                              ("true" if self.progressive else "false"))
         finally:
             node.EndModify(was_modifying)

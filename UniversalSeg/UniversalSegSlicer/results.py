@@ -5,7 +5,8 @@ is touched; then they are inserted in one modification block. Non-overlapping cl
 layer (Slicer's shared labelmaps: one uint8 image, one label value per segment), so 32 classes cost a
 few images, not 32; overlapping classes (liver and liver tumour) go to separate layers and both are
 kept exactly. Segments that were already in the segmentation are never modified; a class that already
-has a segment is replaced only when the caller says so.
+has a segment is replaced only when the caller says so (or when it is the quick preview of the same run,
+which the exact result replaces: ``replace_segments``).
 """
 from __future__ import annotations
 
@@ -30,10 +31,22 @@ from UniversalSegLib.taxonomy import ClassInfo
 from .review import TAG_REVIEW, TAG_VOXELS
 
 __all__ = ["ExistingSegmentsError", "AppliedResult", "class_segment_ids", "insert_class_masks",
-           "TAG_MODEL"]
+           "TAG_MODEL", "TAG_PREVIEW", "PREVIEW_NAME_SUFFIX", "preview_mode"]
 
 #: Segment tag naming the model that made a segment.
 TAG_MODEL = "UniversalSeg.Model"
+#: Segment tag of a quick preview (the fast layout's result shown before the exact one): the mode that made it.
+TAG_PREVIEW = "UniversalSeg.Preview"
+#: Added to a preview segment's name, so the user sees that it is not the exact result.
+PREVIEW_NAME_SUFFIX = " (quick result)"
+
+
+def preview_mode(segment) -> str:
+    """The mode of a quick-preview segment ("fast"), or "" for any other segment."""
+    import vtk
+
+    value = vtk.mutable("")
+    return str(value) if segment.GetTag(TAG_PREVIEW, value) else ""
 
 
 class ExistingSegmentsError(OutputError, ValueError):
@@ -57,6 +70,9 @@ class AppliedResult:
     table_node: object = None
     #: Why the statistics table could not be made (the segments are in the scene all the same), or "".
     statistics_error: str = ""
+    #: Classes whose quick-preview segment a person had edited or accepted: kept, not replaced by the exact
+    #: result (class index -> the kept segment's id).
+    kept_previews: dict[int, str] = field(default_factory=dict)
 
 
 def class_segment_ids(segmentation_node, classes: Sequence[ClassInfo]) -> dict[int, str]:
@@ -92,7 +108,8 @@ def _terminology(segment) -> str:
 
 
 def _layer_segments(labels: np.ndarray, values: Mapping[int, int], voxels: Mapping[int, int],
-                    infos: Mapping[int, ClassInfo], ijk_to_ras: np.ndarray, model_name: str) -> dict[int, object]:
+                    infos: Mapping[int, ClassInfo], ijk_to_ras: np.ndarray, model_name: str,
+                    preview: str = "") -> dict[int, object]:
     """vtkSegments of one layer sharing one labelmap image (``values``: class index -> label value)."""
     import slicer
 
@@ -114,13 +131,17 @@ def _layer_segments(labels: np.ndarray, values: Mapping[int, int], voxels: Mappi
         segment.SetTag(TAG_VOXELS, str(voxels[index]))
         if model_name:
             segment.SetTag(TAG_MODEL, model_name)
+        if preview:
+            segment.SetName(infos[index].display_name + PREVIEW_NAME_SUFFIX)
+            segment.SetTag(TAG_PREVIEW, preview)
         segments[index] = segment
     return segments
 
 
 def insert_class_masks(scene, volume_node, masks: Mapping[int, np.ndarray], classes: Sequence[ClassInfo],
                        segmentation_node=None, replace_existing: bool = False, model_name: str = "",
-                       show_3d: bool = False, tracker=None) -> AppliedResult:
+                       show_3d: bool = False, tracker=None, preview: str = "",
+                       replace_segments: Mapping[int, str] | None = None) -> AppliedResult:
     """Add one segment per class of ``masks`` (IJK bool arrays on ``volume_node``'s grid).
 
     Args:
@@ -134,6 +155,10 @@ def insert_class_masks(scene, volume_node, masks: Mapping[int, np.ndarray], clas
         model_name: recorded on each segment.
         show_3d: build closed surfaces and show them in 3D views (on the main thread: slow on big CTs).
         tracker: an :class:`~.review.EditTracker` of the node, suspended while the result goes in.
+        preview: the mode of a quick preview ("fast"): its segments are tagged :data:`TAG_PREVIEW` and named
+            "<class> (quick result)".
+        replace_segments: ``{class index: segment id}`` replaced without asking, whatever
+            ``replace_existing`` says (a run's own preview segments, replaced by its exact result).
     """
     import slicer
 
@@ -155,8 +180,12 @@ def insert_class_masks(scene, volume_node, masks: Mapping[int, np.ndarray], clas
         segmentation_node = slicer.vtkMRMLSegmentationNode()
         segmentation_node.SetName(scene.GenerateUniqueName(f"{volume_node.GetName()} segmentation"))
     existing = class_segment_ids(segmentation_node, [infos[i] for i in checked]) if not created else {}
-    if existing and not replace_existing:
-        raise ExistingSegmentsError(segmentation_node.GetName(), [infos[i] for i in existing])
+    own = {index: segment_id for index, segment_id in (replace_segments or {}).items()
+           if index in checked and segmentation_node.GetSegmentation().GetSegment(segment_id) is not None}
+    existing.update(own)
+    asked = [index for index in existing if index not in own]
+    if asked and not replace_existing:
+        raise ExistingSegmentsError(segmentation_node.GetName(), [infos[i] for i in asked])
 
     # Everything that can fail happens before the segmentation is touched.
     ijk_to_ras = segment_geometry(segmentation_node, volume_node, adopts_volume_transform=created or
@@ -169,7 +198,7 @@ def insert_class_masks(scene, volume_node, masks: Mapping[int, np.ndarray], clas
         values = {index: label for index, (layer, label, _) in placed.items() if layer == number}
         if values:
             new_segments.update(_layer_segments(packed[number] if packed.ndim == 4 else packed, values, voxels,
-                                                infos, ijk_to_ras, model_name))
+                                                infos, ijk_to_ras, model_name, preview))
 
     result = AppliedResult(segmentation_node, created_node=created)
     segmentation = segmentation_node.GetSegmentation()

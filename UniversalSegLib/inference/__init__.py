@@ -8,6 +8,7 @@
 
 The window layout itself is in :mod:`UniversalSegLib.settings` (no PyTorch needed to count windows).
 """
+from .. import monai_import  # noqa: F401  (before the modules below: MONAI without torchvision)
 from ..errors import InferenceCancelled, InferenceError
 from ..settings import PLACEMENTS, InferenceParameters, count_windows, window_layout, window_starts
 from .blending import FLAVOURS, gaussian_weight_map

@@ -230,7 +230,8 @@ class AtomicOutputGroup:
 # interrupted runs: stale temporaries, signals, and the output transaction of one run
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True when a process with this id exists on this machine (it may belong to another user)."""
     if pid == os.getpid():
         return True
     try:
@@ -288,7 +289,7 @@ def remove_stale_temporaries(folder) -> list[str]:
             else:
                 pid = int(name[len(TEMP_PREFIX):].split("-", 1)[0])
                 # An hour's age as well: the pid may belong to another machine sharing the folder.
-                if _process_alive(pid) or time.time() - path.lstat().st_mtime < STALE_AFTER_S:
+                if process_alive(pid) or time.time() - path.lstat().st_mtime < STALE_AFTER_S:
                     continue
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         except (ValueError, OSError):

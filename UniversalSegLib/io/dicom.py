@@ -127,7 +127,7 @@ def _int_or_none(value) -> int | None:
         return None
 
 
-def _looks_like_dicom(path: str) -> bool:
+def looks_like_dicom(path: str) -> bool:
     """True for a file with the DICOM Part 10 marker ("DICM" after the 128-byte preamble)."""
     try:
         with open(path, "rb") as handle:
@@ -198,7 +198,7 @@ def _read_header(path: str, skipped: list[str] | None = None):
     try:
         return _parse_header(path)
     except Exception as error:  # noqa: BLE001 - pydicom raises many types on damaged headers
-        if skipped is not None and _looks_like_dicom(path):
+        if skipped is not None and looks_like_dicom(path):
             skipped.append(f"{path} (damaged DICOM header: {type(error).__name__})")
         return None
 

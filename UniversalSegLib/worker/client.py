@@ -170,7 +170,7 @@ class WorkerProcess:
             listener = self._listeners.pop(event.get("id"), None) if final else self._listeners.get(event.get("id"))
             if listener is not None:
                 listener(event)
-            elif final and event.get("output"):  # a cancelled request's result nobody waits for
+            elif event.get("output"):  # a cancelled request's result (or preview) nobody waits for
                 self.discard(event["output"])
         if dead:
             code = self.process.returncode

@@ -7,7 +7,11 @@ same private folder; the IJK->RAS affine travels as JSON numbers, which Python w
 bit-exactly, so the geometry survives the trip unchanged.
 
 Events: ``{"id", "event": "progress", "stage", "fraction"}``, ``{"id", "event": "result", ...}``,
-``{"id", "event": "error", "type", "message", "details"}``, ``{"id", "event": "cancelled"}``.
+``{"id", "event": "error", "type", "message", "details"}``, ``{"id", "event": "cancelled"}``. A segmentation
+sent with ``"progressive": true`` to a worker on a CPU in the default mode first sends ``{"id", "event":
+"preview", "output", "classes", "statistics", "mode": "fast", ...}`` (the fast layout's masks, in the result's
+file format, a file of its own) and then its result; its progress events carry ``"phase": "preview"`` or
+``"exact"``.
 """
 from __future__ import annotations
 

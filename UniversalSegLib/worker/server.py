@@ -4,10 +4,11 @@ Started by :class:`~UniversalSegLib.worker.client.WorkerProcess` as ``python -m 
 FOLDER`` (in 3D Slicer with ``PythonSlicer``). A reader thread takes requests from standard input, so a
 ``cancel`` arrives while a run is in progress; the main thread runs one request at a time. Standard input
 closing (the client went away) ends the process. Every request ends with exactly one ``result``,
-``error`` or ``cancelled`` event.
+``error`` or ``cancelled`` event; a progressive segmentation sends one ``preview`` event before it.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import queue
@@ -24,6 +25,15 @@ __all__ = ["WorkerServer", "main"]
 
 #: Seconds between two progress events of the same stage (a 1000-window run must not write 1000 lines).
 PROGRESS_INTERVAL = 0.1
+#: The mode of a progressive request's quick preview, and the only requested mode that gets one.
+PREVIEW_MODE, EXACT_MODE = "fast", "default"
+
+
+def wants_preview(progressive: bool, device_type: str, mode: str) -> bool:
+    """Whether a request gets a quick preview before its result: asked for, on a CPU (a GPU finishes the
+    exact run in seconds, so a preview would only delay it), and the exact default mode requested (the fast
+    mode is the preview; the reference mode reproduces the official pipeline and is not previewed)."""
+    return bool(progressive) and device_type == "cpu" and mode == EXACT_MODE
 
 
 class WorkerServer:
@@ -67,11 +77,14 @@ class WorkerServer:
                 return
             last = {}
 
-            def report(stage, fraction, request_id=request_id, last=last):
+            def report(stage, fraction, phase=None, request_id=request_id, last=last):
                 now = time.monotonic()
-                if fraction in (0.0, 1.0) or last.get(stage, 0.0) + PROGRESS_INTERVAL <= now:
-                    last[stage] = now
-                    self.emit({"id": request_id, "event": "progress", "stage": stage, "fraction": float(fraction)})
+                if fraction in (0.0, 1.0) or last.get((phase, stage), 0.0) + PROGRESS_INTERVAL <= now:
+                    last[(phase, stage)] = now
+                    event = {"id": request_id, "event": "progress", "stage": stage, "fraction": float(fraction)}
+                    if phase is not None:  # progressive runs: "preview" (the fast layout) or "exact"
+                        event["phase"] = phase
+                    self.emit(event)
 
             def cancelled(request_id=request_id):
                 return request_id in self.cancelled
@@ -137,6 +150,12 @@ class WorkerServer:
         requested = list(segmenter.taxonomy) if classes is None else [segmenter.taxonomy[i] for i in classes]
         keep = bool(message.get("keep_probabilities"))
         report("check", 1.0)
+        progressive = wants_preview(message.get("progressive", False), segmenter.device.type, segmenter.mode.name)
+        if progressive:
+            self._send_preview(message, segmenter, volume, requested, report, cancelled, started)
+            if cancelled():
+                raise InferenceCancelled("cancelled")
+            report = functools.partial(report, phase="exact")
         result = segmenter.segment(volume, requested, progress=report, cancel=cancelled, keep_probabilities=keep)
         output = f"{message['id']}.result.npz"
         write_result(self.folder / output, volume.shape, {c.index: result.masks[c.index] for c in requested},
@@ -147,7 +166,19 @@ class WorkerServer:
                 "model_loaded": self.segmenter_loads != loads, "load_seconds": load_seconds,
                 "seconds": time.perf_counter() - started, "timings": result.timings,
                 "runtime": segmenter.runtime, "mode": segmenter.mode.name, "device": str(segmenter.device),
-                "model_loads": self.segmenter_loads}
+                "model_loads": self.segmenter_loads, "progressive": progressive}
+
+    def _send_preview(self, message: dict, segmenter, volume, requested, report, cancelled, started: float) -> None:
+        """Run the fast layout with the loaded model (same network) and send its masks as a ``preview``
+        event, in the result's file format but a file of its own; the exact run follows."""
+        preview = segmenter.segment(volume, requested, progress=functools.partial(report, phase="preview"),
+                                    cancel=cancelled, mode=PREVIEW_MODE)
+        output = f"{message['id']}.preview.npz"
+        write_result(self.folder / output, volume.shape, {c.index: preview.masks[c.index] for c in requested})
+        self.emit({"id": message["id"], "event": "preview", "output": output, "classes": [c.index for c in requested],
+                   "statistics": [s.to_dict() for s in preview.statistics()], "mode": PREVIEW_MODE,
+                   "seconds": time.perf_counter() - started, "timings": preview.timings,
+                   "runtime": segmenter.runtime, "device": str(segmenter.device)})
 
     def do_download(self, message: dict, report, cancelled) -> dict:
         from ..model_store import download_model
