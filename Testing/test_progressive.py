@@ -59,6 +59,31 @@ def worker(home):
     process.stop()
 
 
+def _paused_worker(tmp_path_factory, point: str):
+    """A worker that pauses at ``point`` (the library's test hook; it writes the point's name to a marker
+    file, then waits up to 60 s or until the request is cancelled), so a cancel lands at a known moment
+    however fast the machine runs the demo model."""
+    marker = tmp_path_factory.mktemp("pause") / "paused"
+    process = WorkerProcess(environment={"UNIVERSALSEG_TEST_PAUSE_AT": point,
+                                         "UNIVERSALSEG_TEST_PAUSE_FILE": str(marker),
+                                         "UNIVERSALSEG_TEST_PAUSE_SECONDS": "60"})
+    return process, marker
+
+
+@pytest.fixture(scope="module")
+def worker_paused_after_preview(home, tmp_path_factory):
+    process, _ = _paused_worker(tmp_path_factory, "worker-after-preview")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def worker_paused_before_preview(home, tmp_path_factory):
+    process, marker = _paused_worker(tmp_path_factory, "worker-before-preview")
+    yield process, marker
+    process.stop()
+
+
 def _send(worker: WorkerProcess, volume: Volume, runtime: str | None = None, **fields) -> tuple[str, list]:
     events: list = []
     request_id = worker.new_request_id()
@@ -130,26 +155,29 @@ def test_no_preview_when_not_asked_in_the_fast_mode_or_on_a_gpu(worker, ct):
     assert not wants_preview(False, "cpu", "default")
 
 
-def test_cancel_in_either_phase_stops_the_run(worker, ct):
-    # PyTorch on one thread: the exact run takes seconds, so the cancel surely lands in it
+def test_cancel_in_either_phase_stops_the_run(worker_paused_after_preview, worker_paused_before_preview, ct):
+    # after the quick result was sent, before the exact run: cancelled, no result, the preview's file whole
+    worker = worker_paused_after_preview
     request_id, events = _send(worker, ct, runtime="torch", progressive=True)
     preview = _wait(worker, events, until=("preview",))
     worker.cancel(request_id)
     final = _wait(worker, events)
     assert final["event"] == "cancelled", final
-    assert [e.get("phase") for e in events if e["event"] == "progress"][-1] == "exact"
-    assert read_result(worker.folder / preview["output"]).masks  # the preview's file is whole
+    assert "result" not in [e["event"] for e in events]
+    assert read_result(worker.folder / preview["output"]).masks
     worker.discard(preview["output"])
-    # a cancel during the preview phase stops it too: no preview, no result
+    # in the preview phase (its windows done, the quick result not sent yet): no preview, no result
+    worker, marker = worker_paused_before_preview
     request_id, events = _send(worker, ct, runtime="torch", progressive=True)
-    deadline = time.monotonic() + 60
-    while not any(e.get("phase") == "preview" and e.get("stage") == "inference" for e in events):
+    deadline = time.monotonic() + 120
+    while not marker.exists():
         assert time.monotonic() < deadline, events[-3:]
         worker.poll()
-        time.sleep(0.005)
+        time.sleep(0.01)
     worker.cancel(request_id)
     assert _wait(worker, events)["event"] == "cancelled"
     assert "preview" not in [e["event"] for e in events]
+    assert {e.get("phase") for e in events if e["event"] == "progress"} <= {None, "preview"}
     # and the worker serves the next request with the same model
     _, events = _send(worker, ct, runtime="torch", classes=[1])
     assert not _wait(worker, events)["model_loaded"]
@@ -250,35 +278,43 @@ def test_logic_shows_the_preview_then_replaces_it_keeping_edits_and_other_segmen
             assert np.array_equal(mask_from_segment(output, sid, node), exact[index]), index
 
 
-def test_logic_cancel_after_the_preview_keeps_it_marked(scene_logic):
+def test_logic_cancel_after_the_preview_keeps_it_marked(worker_paused_after_preview):
+    pytest.importorskip("slicer", reason="the slicer-core wheel is needed for MRML tests")
+    sys.path.insert(0, str(REPO_ROOT / "UniversalSeg"))
+    from UniversalSegLib.mrml import headless_scene
     from UniversalSegSlicer.jobs import PREVIEW_SHOWN_TEXT, JobCancelled, JobState
+    from UniversalSegSlicer.logic import SegmentationLogic
     from UniversalSegSlicer.results import preview_mode
 
-    headless, logic = scene_logic
-    node = headless.load_volume(require_shared(CT), "ct")
-    files = sorted(p.name for p in logic.worker.folder.iterdir())
-    # PyTorch on one thread: the exact run takes seconds, so the cancel surely lands in it
-    job = logic.start_segmentation(node, "liver, spleen", DEMO_MODEL, "cpu", runtime="torch", progressive=True)
-    deadline = time.monotonic() + 120
-    while job.preview() is None and not job.done():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    assert job.preview() is not None and not job.finished, "the exact run ended with its preview"
-    shown = logic.apply_preview(job, node)
-    assert job.status_text.startswith(PREVIEW_SHOWN_TEXT) and job.phase == "exact"
-    job.cancel()
-    assert job.state is JobState.CANCELLED
-    with pytest.raises(JobCancelled):
-        logic.apply_result(job, node)
-    segmentation = shown.segmentation_node.GetSegmentation()
-    assert sorted(segmentation.GetSegment(sid).GetName() for sid in segmentation.GetSegmentIDs()) == [
-        "Liver (quick result)", "Spleen (quick result)"]
-    assert all(preview_mode(segmentation.GetSegment(sid)) for sid in segmentation.GetSegmentIDs())
-    deadline = time.monotonic() + 30
-    while "worker_stopped_at" not in job.metadata and time.monotonic() < deadline:
-        logic.worker.poll()
-        time.sleep(0.02)
-    assert sorted(p.name for p in logic.worker.folder.iterdir()) == files  # the job left no files behind
+    headless = headless_scene()
+    # the worker pauses between the quick result and the exact run, so the cancel lands in the exact phase
+    logic = SegmentationLogic(headless.scene, threads=1, worker=worker_paused_after_preview)
+    try:
+        node = headless.load_volume(require_shared(CT), "ct")
+        files = sorted(p.name for p in logic.worker.folder.iterdir())
+        job = logic.start_segmentation(node, "liver, spleen", DEMO_MODEL, "cpu", runtime="torch", progressive=True)
+        deadline = time.monotonic() + 120
+        while job.preview() is None and not job.done():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert job.preview() is not None and not job.finished, "the exact run ended with its preview"
+        shown = logic.apply_preview(job, node)
+        assert job.status_text.startswith(PREVIEW_SHOWN_TEXT) and job.phase == "exact"
+        job.cancel()
+        assert job.state is JobState.CANCELLED
+        with pytest.raises(JobCancelled):
+            logic.apply_result(job, node)
+        segmentation = shown.segmentation_node.GetSegmentation()
+        assert sorted(segmentation.GetSegment(sid).GetName() for sid in segmentation.GetSegmentIDs()) == [
+            "Liver (quick result)", "Spleen (quick result)"]
+        assert all(preview_mode(segmentation.GetSegment(sid)) for sid in segmentation.GetSegmentIDs())
+        deadline = time.monotonic() + 30
+        while "worker_stopped_at" not in job.metadata and time.monotonic() < deadline:
+            logic.worker.poll()
+            time.sleep(0.02)
+        assert sorted(p.name for p in logic.worker.folder.iterdir()) == files  # the job left no files behind
+    finally:
+        logic.shutdown()
 
 
 def test_logic_without_progressive_gets_no_preview_and_the_choice_is_a_parameter(scene_logic):

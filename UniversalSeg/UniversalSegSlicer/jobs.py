@@ -112,6 +112,7 @@ class BackgroundJob:
         """A quick result that arrived before the exact one (``on_preview(value)`` is called, in :meth:`done`)."""
         if not self._finished:
             self._preview = value
+            self.phase = "exact"  # the quick result is here: what runs now is the exact one
             if self._on_preview is not None:
                 self._on_preview(value)
 

@@ -36,10 +36,12 @@ logger = logging.getLogger(__name__)
 TEMP_PREFIX = ".~universalseg-"
 #: Start of the folder in which one run stages its outputs (see :class:`OutputTransaction`).
 RUN_PREFIX = TEMP_PREFIX + "run-"
-#: Test hook: with this environment variable set to ``staged`` or ``switching``, a transaction pauses
-#: at that point (after every output is staged; after the first output is switched in) for up to
-#: UNIVERSALSEG_TEST_PAUSE_SECONDS seconds (default 30), after writing the word to the file named by
-#: UNIVERSALSEG_TEST_PAUSE_FILE, so that tests can deliver a signal at a known moment.
+#: Test hook: with this environment variable set to a pause point, the process pauses there for up to
+#: UNIVERSALSEG_TEST_PAUSE_SECONDS seconds (default 30), after writing the point's name to the file named by
+#: UNIVERSALSEG_TEST_PAUSE_FILE, so that tests can deliver a signal or a cancel at a known moment. Points:
+#: ``staged`` and ``switching`` in a transaction (after every output is staged; after the first output is
+#: switched in), ``worker-before-preview`` and ``worker-after-preview`` in the worker process (a progressive
+#: run's quick result computed but not sent; sent, exact run not started).
 PAUSE_ENV = "UNIVERSALSEG_TEST_PAUSE_AT"
 #: Age (seconds) after which a loose temporary file of a process that no longer exists is removed.
 STALE_AFTER_S = 3600
@@ -340,15 +342,21 @@ class _DeferredSignals:
             signal.signal(signum, handler)
 
 
-def _test_pause(point: str, deferred: _DeferredSignals | None = None) -> None:
+def pause_for_tests(point: str, stop=None) -> None:
+    """The test hook of :data:`PAUSE_ENV`: pause at ``point`` when the environment asks for it, until the
+    time is up or ``stop()`` is true (a signal arrived, the request was cancelled)."""
     if os.environ.get(PAUSE_ENV) != point:
         return
     marker = os.environ.get("UNIVERSALSEG_TEST_PAUSE_FILE")
     if marker:
         Path(marker).write_text(point)
     end = time.monotonic() + float(os.environ.get("UNIVERSALSEG_TEST_PAUSE_SECONDS", "30"))
-    while time.monotonic() < end and not (deferred is not None and deferred.received):
+    while time.monotonic() < end and not (stop is not None and stop()):
         time.sleep(0.05)
+
+
+def _test_pause(point: str, deferred: _DeferredSignals | None = None) -> None:
+    pause_for_tests(point, None if deferred is None else (lambda: deferred.received))
 
 
 def _write_json(path: Path, data) -> None:

@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from ..errors import Interrupted
+from ..errors import InferenceCancelled, Interrupted
 from .protocol import EVENTS_FILE, encode, read_volume, write_result
 
 __all__ = ["WorkerServer", "main"]
@@ -130,7 +130,7 @@ class WorkerServer:
         """Segment the volume of the request; masks (and probabilities) go to an ``.npz`` next to it."""
         import numpy as np
 
-        from ..errors import InferenceCancelled
+        from ..io.atomic import pause_for_tests
         from ..io.validation import ensure_ct
         from ..io.volume import Volume
 
@@ -153,6 +153,7 @@ class WorkerServer:
         progressive = wants_preview(message.get("progressive", False), segmenter.device.type, segmenter.mode.name)
         if progressive:
             self._send_preview(message, segmenter, volume, requested, report, cancelled, started)
+            pause_for_tests("worker-after-preview", cancelled)
             if cancelled():
                 raise InferenceCancelled("cancelled")
             report = functools.partial(report, phase="exact")
@@ -173,6 +174,11 @@ class WorkerServer:
         event, in the result's file format but a file of its own; the exact run follows."""
         preview = segmenter.segment(volume, requested, progress=functools.partial(report, phase="preview"),
                                     cancel=cancelled, mode=PREVIEW_MODE)
+        from ..io.atomic import pause_for_tests
+
+        pause_for_tests("worker-before-preview", cancelled)
+        if cancelled():  # a cancelled request sends no quick result
+            raise InferenceCancelled("cancelled")
         output = f"{message['id']}.preview.npz"
         write_result(self.folder / output, volume.shape, {c.index: preview.masks[c.index] for c in requested})
         self.emit({"id": message["id"], "event": "preview", "output": output, "classes": [c.index for c in requested],
