@@ -408,3 +408,25 @@ def test_review_app_refuses_wrong_token_and_paths_outside(tmp_path, chromium):  
         finally:
             context.close()
     assert sorted(p.name for p in outside.iterdir()) == ["secret.nii.gz"]
+
+
+def test_review_command_refuses_bad_options_with_a_sentence(tmp_path, capsys):
+    """Bad --port, --max-upload-mb, --host, a port in use and a missing folder: one line, usage exit code,
+    before any server starts."""
+    pytest.importorskip("trame_slicer")
+    from UniversalSegLib.cli import main
+    from UniversalSegLib.errors import UsageError
+
+    def refused(*argv) -> str:
+        assert main(["review", str(tmp_path), *argv]) == UsageError.exit_code
+        return capsys.readouterr().err
+
+    assert "--port must be between 1 and 65535" in refused("--port", "99999")
+    assert "--max-upload-mb must be a positive number" in refused("--max-upload-mb", "0")
+    assert "Cannot listen on --host 192.0.2.1" in refused("--host", "192.0.2.1")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert f"Port {busy.getsockname()[1]} is in use" in refused("--port", str(busy.getsockname()[1]))
+    assert main(["review", str(tmp_path / "missing")]) != 0
+    assert "does not exist" in capsys.readouterr().err
