@@ -27,6 +27,7 @@ from UniversalSegLib.worker.server import wants_preview  # noqa: E402
 
 DEMO_MODEL = REPO_ROOT / "UniversalSegLib" / "data" / "demo" / "demo_model.safetensors"
 CT = "data/totalsegmentator/example_ct.nii.gz"
+SPLEEN_INDEX = 1  # class index in the official table (the demo model's)
 
 
 def _runtime() -> str:
@@ -292,13 +293,18 @@ def test_logic_cancel_after_the_preview_keeps_it_marked(worker_paused_after_prev
     try:
         node = headless.load_volume(require_shared(CT), "ct")
         files = sorted(p.name for p in logic.worker.folder.iterdir())
+        # the user's liver segment (from an earlier run, maybe corrected); the run below is meant to replace it
+        output = logic.segment(node, "liver", DEMO_MODEL, "cpu", runtime="torch").segmentation_node
+        own_liver = output.GetSegmentation().GetSegmentIdBySegmentName("Liver")
         job = logic.start_segmentation(node, "liver, spleen", DEMO_MODEL, "cpu", runtime="torch", progressive=True)
         deadline = time.monotonic() + 120
         while job.preview() is None and not job.done():
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert job.preview() is not None and not job.finished, "the exact run ended with its preview"
-        shown = logic.apply_preview(job, node)
+        shown = logic.apply_preview(job, node, output)
+        assert shown.segmentation_node is output and list(shown.segment_ids) == [SPLEEN_INDEX], \
+            "a preview never replaces an existing segment"
         assert job.status_text.startswith(PREVIEW_SHOWN_TEXT) and job.phase == "exact"
         job.cancel()
         assert job.state is JobState.CANCELLED
@@ -306,8 +312,9 @@ def test_logic_cancel_after_the_preview_keeps_it_marked(worker_paused_after_prev
             logic.apply_result(job, node)
         segmentation = shown.segmentation_node.GetSegmentation()
         assert sorted(segmentation.GetSegment(sid).GetName() for sid in segmentation.GetSegmentIDs()) == [
-            "Liver (quick result)", "Spleen (quick result)"]
-        assert all(preview_mode(segmentation.GetSegment(sid)) for sid in segmentation.GetSegmentIDs())
+            "Liver", "Spleen (quick result)"]
+        assert segmentation.GetSegment(own_liver) is not None and not preview_mode(segmentation.GetSegment(own_liver))
+        assert logic.unfinished_note(job).startswith(" The quick result stays")
         deadline = time.monotonic() + 30
         while "worker_stopped_at" not in job.metadata and time.monotonic() < deadline:
             logic.worker.poll()

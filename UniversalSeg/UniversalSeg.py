@@ -32,6 +32,8 @@ from UniversalSegSlicer.messages import plain_message
 from UniversalSegSlicer.parameters import DEVICES, MODES, RUNTIMES, SETTINGS_KEYS, ModuleParameters
 
 CUSTOM_MODEL = "__file__"
+#: writeParameterNode's default: keep the stored "show a quick result first" choice (or its absence).
+_UNCHANGED = object()
 #: Top-level packages of this extension that Reload must import afresh (not only UniversalSeg.py).
 RELOADED_PACKAGES = ("UniversalSegSlicer", "UniversalSegLib")
 
@@ -133,7 +135,7 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modeComboBox.connect("currentIndexChanged(int)", self.onSettingsChanged)
         self.ui.runtimeComboBox.connect("currentIndexChanged(int)", self.onSettingsChanged)
         self.ui.show3DCheckBox.connect("toggled(bool)", self.onSettingsChanged)
-        self.ui.progressiveCheckBox.connect("toggled(bool)", self.onSettingsChanged)
+        self.ui.progressiveCheckBox.connect("toggled(bool)", self.onProgressiveToggled)
         self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
         self.ui.classTreeWidget.connect("itemChanged(QTreeWidgetItem*,int)", self.onSettingsChanged)
         self.ui.classSearchLineEdit.connect("textChanged(QString)", self.onSearch)
@@ -250,16 +252,21 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updatingGUI = False
         self.updateDependentWidgets()
 
-    def writeParameterNode(self):
+    def onProgressiveToggled(self, checked):
+        if not self.updatingGUI:
+            self.writeParameterNode(progressive=bool(checked))
+            self.updateDependentWidgets()
+
+    def writeParameterNode(self, progressive=_UNCHANGED):
         if self.parameterNode is None:
             return
         volume = self.ui.inputVolumeSelector.currentNode()
         output = self.ui.outputSegmentationSelector.currentNode()
         stored = ModuleParameters.read(self.parameterNode)
         device = self.ui.deviceComboBox.currentData
-        progressive = self.ui.progressiveCheckBox.checked
-        if stored.progressive is None and progressive == self.logic.progressive_default(device):
-            progressive = None  # not chosen: keeps following the device
+        # "Show a quick result first" is a choice only once the user clicked it (onProgressiveToggled);
+        # until then it follows the device, so other settings carry the stored value over unchanged
+        progressive = stored.progressive if progressive is _UNCHANGED else progressive
         chosen = ModuleParameters(volume.GetID() if volume else None, output.GetID() if output else None,
                                   self.checkedClasses(), str(self.model() or ""), device,
                                   self.ui.show3DCheckBox.checked, self.ui.modeComboBox.currentData,
@@ -391,7 +398,9 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             wasBlocked = self.ui.progressiveCheckBox.blockSignals(True)
             self.ui.progressiveCheckBox.checked = self.progressiveChoice(ModuleParameters.read(self.parameterNode))
             self.ui.progressiveCheckBox.blockSignals(wasBlocked)
-        self.ui.progressiveCheckBox.enabled = self.ui.modeComboBox.currentData == "default"
+        # the worker previews only the exact default mode, and never on a GPU (the exact result comes in seconds)
+        self.ui.progressiveCheckBox.enabled = (self.ui.modeComboBox.currentData == "default"
+                                               and self.ui.deviceComboBox.currentData != "cuda")
         idle = self.job is None
         # One job at a time: a download, an import or a cache change during a run would replace the running
         # job (its result lost) or pull the model from under the worker.
@@ -528,11 +537,8 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Show the quick (fast layout) result while the exact one is computed; it is replaced when that
         arrives. Never 3D: closed surfaces would hold up the panel for a result about to be replaced."""
         output = self.ui.outputSegmentationSelector.currentNode()
-        try:
-            applied = self.logic.apply_preview(job, volume, output, self.replaceConfirmed, show_3d=False)
-        except ExistingSegmentsError:  # a segment appeared meanwhile: wait for the exact result, which asks
-            job.metadata["preview_segments"] = None  # not shown, and not tried again
-            return
+        # classes that already have a segment keep it until the exact result (a preview never replaces one)
+        applied = self.logic.apply_preview(job, volume, output, show_3d=False)
         if applied is not None:
             self.ui.outputSegmentationSelector.setCurrentNode(applied.segmentation_node)
             slicer.util.setSliceViewerLayers(background=volume)
@@ -555,14 +561,8 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table = f" Statistics: table '{applied.table_node.GetName()}'." if applied.table_node is not None else ""
         if applied.statistics_error:
             table = f" The statistics table could not be updated: {applied.statistics_error}"
-        kept = ""
-        if applied.kept_previews:
-            segmentation = applied.segmentation_node.GetSegmentation()
-            names = ", ".join(segmentation.GetSegment(i).GetName() for i in applied.kept_previews.values())
-            kept = (f" Kept the quick-result segments you edited or accepted ({names}); their exact result was "
-                    "not applied.")
         self.ui.statusLabel.text = (f"Done in {job.elapsed:.0f} s{loaded}: {len(applied.segment_ids)} segments."
-                                    f"{table}{kept}")
+                                    f"{table}{self.logic.kept_previews_note(applied)}")
         self.refreshReview()
 
     def onCancel(self):
@@ -577,7 +577,8 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         finished = job.done()
         if not finished:
-            if self.jobPreview is not None and job.preview() is not None and "preview_segments" not in job.metadata:
+            if self.jobPreview is not None and self.logic.preview_pending(job):
+                # a failure is shown once: apply_preview marks the preview handled before it can fail
                 with slicer.util.tryWithErrorDisplay("Could not show the quick result."):
                     self.jobPreview(job)
             self.ui.progressBar.value = int(100 * job.progress)
@@ -588,8 +589,7 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.hide()
         self.sceneChanged = False
         # A quick result already shown stays when the exact run is cancelled or fails (see logic.py).
-        kept = (" The quick result stays (segments named \"... (quick result)\")."
-                if job.metadata.get("preview_segments") else " Nothing was changed.")
+        kept = self.logic.unfinished_note(job)
         try:
             onFinished(job)
         except JobCancelled:

@@ -205,7 +205,7 @@ class BackgroundJob:
         if self.state is JobState.RUNNING or self.state is JobState.QUEUED:
             label = STAGE_LABELS.get(self.stage, self.stage)
             text = f"{label} ({100 * self.stage_fraction:.0f} %)" if self.stage == "inference" else label
-            if self._preview is not None:
+            if self.metadata.get("preview_segments"):  # set by the logic once the quick result is in the scene
                 return f"{PREVIEW_SHOWN_TEXT}: {text[:1].lower()}{text[1:]}"
             return f"Quick result: {text[:1].lower()}{text[1:]}" if self.phase == "preview" else text
         if self.state is JobState.FAILED:

@@ -395,39 +395,74 @@ class SegmentationLogic:
         if segmentation_node is None and preview_node is not None:
             segmentation_node = preview_node
         untouched, kept = self._preview_segments(preview_node, shown["segment_ids"])
-        if preview_node is not None and preview_node is not segmentation_node:  # the exact result goes elsewhere
-            self._remove_segments(preview_node, untouched.values())
-            untouched = {}
+        elsewhere = preview_node is not None and preview_node is not segmentation_node
         masks = {index: mask for index, mask in outcome.result.masks.items() if index not in kept}
         classes = [info for info in outcome.classes if info.index not in kept]
         if not masks:
             applied = AppliedResult(segmentation_node)
-        else:
+        else:  # this step can still fail (existing segments, transforms): the preview is touched only after it
             applied = self._insert(volume_node, masks, classes, segmentation_node, replace_existing,
                                    outcome.model_name, show_3d, statistics, outcome.statistics,
-                                   replace_segments=untouched)
+                                   replace_segments={} if elsewhere else untouched)
+        if elsewhere:  # the exact result went to another segmentation: the preview's segments are done with
+            self._remove_segments(preview_node, untouched.values())
         applied.kept_previews = kept
         job.metadata["preview_segments"] = None  # replaced: a second apply is an ordinary one
         return applied
 
-    def apply_preview(self, job: BackgroundJob, volume_node, segmentation_node=None, replace_existing: bool = False,
-                      show_3d: bool = False, statistics: bool = True) -> AppliedResult | None:
+    def apply_preview(self, job: BackgroundJob, volume_node, segmentation_node=None, show_3d: bool = False,
+                      statistics: bool = True) -> AppliedResult | None:
         """Show a progressive job's quick result (``job.preview()``) as segments named "<class> (quick
-        result)" and tagged :data:`~.results.TAG_PREVIEW`, in one step; None when no preview has arrived (or
-        it was shown already). Existing segments follow the rules of :meth:`apply_result`. The exact result
-        replaces these segments in :meth:`apply_result`; if the job is cancelled or fails, they stay.
+        result)" and tagged :data:`~.results.TAG_PREVIEW`, in one step, once; None when no preview is pending
+        (:meth:`preview_pending`) or every class already has a segment. The exact result replaces these
+        segments in :meth:`apply_result`; if the job is cancelled or fails, they stay.
+
+        A preview never replaces an existing segment, even when the run was started to replace it: that
+        segment may hold a person's corrections, and a cancelled exact run would leave only the quick result.
+        Classes that have a segment get theirs from the exact result (asked about in :meth:`apply_result`).
+        An error here marks the preview as not shown, so a polling GUI does not try (and report) it again.
         """
-        outcome = job.preview()
-        if outcome is None or "preview_segments" in job.metadata:
+        if not self.preview_pending(job):
             return None
+        outcome = job.preview()
+        job.metadata["preview_segments"] = None  # not shown (yet): set below when it is
         if volume_node.GetID() != outcome.volume_node_id:
             raise ValueError("This result belongs to another volume.")
-        applied = self._insert(volume_node, outcome.result.masks, outcome.classes, segmentation_node,
-                               replace_existing, outcome.model_name, show_3d, statistics, outcome.statistics,
-                               preview=str(outcome.info.get("mode", "fast")))
+        existing = class_segment_ids(segmentation_node, outcome.classes) if segmentation_node is not None else {}
+        masks = {index: mask for index, mask in outcome.result.masks.items() if index not in existing}
+        if not masks:
+            return None
+        classes = [info for info in outcome.classes if info.index in masks]
+        applied = self._insert(volume_node, masks, classes, segmentation_node, False, outcome.model_name, show_3d,
+                               statistics, outcome.statistics, preview=str(outcome.info.get("mode", "fast")))
         job.metadata["preview_segments"] = {"node_id": applied.segmentation_node.GetID(),
                                             "segment_ids": dict(applied.segment_ids)}
         return applied
+
+    @staticmethod
+    def preview_pending(job: BackgroundJob) -> bool:
+        """Whether a progressive job's quick result has arrived and :meth:`apply_preview` has not handled it."""
+        return job.preview() is not None and "preview_segments" not in job.metadata
+
+    @staticmethod
+    def preview_shown(job: BackgroundJob) -> bool:
+        """Whether this job's quick result is in the scene (and not yet replaced by the exact one)."""
+        return bool(job.metadata.get("preview_segments"))
+
+    def unfinished_note(self, job: BackgroundJob) -> str:
+        """What the scene holds after a cancelled or failed run, for the status line."""
+        if self.preview_shown(job):
+            return " The quick result stays (segments named \"... (quick result)\")."
+        return " Nothing was changed."
+
+    @staticmethod
+    def kept_previews_note(applied: AppliedResult) -> str:
+        """The status-line sentence about quick-result segments kept because a person edited or accepted them."""
+        if not applied.kept_previews:
+            return ""
+        segmentation = applied.segmentation_node.GetSegmentation()
+        names = ", ".join(segmentation.GetSegment(i).GetName() for i in applied.kept_previews.values())
+        return f" Kept the quick-result segments you edited or accepted ({names}); their exact result was not applied."
 
     def _preview_segments(self, segmentation_node, segment_ids: dict) -> tuple[dict, dict]:
         """The shown preview's segments still in ``segmentation_node``: ``(untouched, kept)``, both
