@@ -178,6 +178,18 @@ def test_segmenter_labels_equal_pytorch_with_trained_weights(cache_home):
     shutil.rmtree(cache_home / "openvino" / fast._openvino.key)
     again = fast.segment(phantom.volume, "liver")
     assert "convert" in again.timings and np.array_equal(again.masks[index], got.masks[index])
+    # A cancelled run releases it too (the worker keeps its segmenter between runs).
+    windows = []
+
+    def cancel_after_first_window(stage, fraction):
+        if stage == "inference" and fraction > 0:
+            windows.append(fraction)
+
+    from UniversalSegLib.errors import InferenceCancelled
+
+    with pytest.raises(InferenceCancelled):
+        fast.segment(phantom.volume, "liver", progress=cancel_after_first_window, cancel=lambda: bool(windows))
+    assert windows and fast._openvino._compiled is None and fast._openvino._request is None
 
 
 def test_cli_runtime_option(tmp_path, capsys):

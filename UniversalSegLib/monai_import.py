@@ -6,7 +6,9 @@ detection FPN, a perceptual loss) import torchvision eagerly when it is installe
 them; together they cost about 160 MB of resident memory in every process that segments (measured with
 ``import monai`` alone: 817 MB with torchvision, 660 MB without, PyTorch and OpenVINO loaded). So MONAI is
 imported with torchvision hidden, and those modules record it as missing, as on an install without it.
-torchvision itself stays importable afterwards (open_clip needs it for text embeddings).
+torchvision itself stays importable afterwards (open_clip needs it for text embeddings), but MONAI's
+torchvision-based features (``TorchVisionFCModel`` and the like) stay unavailable in that process; a program
+that needs them imports torchvision before UniversalSegLib, and this module then changes nothing.
 """
 from __future__ import annotations
 

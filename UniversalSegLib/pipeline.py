@@ -275,7 +275,7 @@ class Segmenter:
                  show_progress: bool, keep_probabilities: bool, run_mode: InferenceMode) -> SegmentationResult:
         requested = self.resolve(classes)
         mode = run_mode.postprocess
-        overlap = self.overlap if run_mode is self.mode else self._overlap_for(run_mode)
+        overlap = self._overlap_for(run_mode)
         available = set(self.taxonomy.indices)
         needed = [i for i in required_classes([c.index for c in requested], mode, self.taxonomy) if i in available]
         meta = self.checkpoint.metadata
@@ -321,37 +321,41 @@ class Segmenter:
         requested_set = {c.index for c in requested}
         on_window = lambda done, total: report("inference", done / total)  # noqa: E731
         probabilities = None
-        if run_mode.streaming:
-            weight = gaussian_weight_map(params.roi_size, params.sigma_scale, flavour=self.gaussian)
-            blended = sliding_window_masks(
-                image, predictor, weight, [params.threshold], roi_size=params.roi_size, overlap=overlap,
-                placement=run_mode.placement, sw_device=self.device, accumulate_dtype=getattr(torch, run_mode.accumulate_dtype),
-                keep_probabilities=keep_probabilities, cancel=cancel, on_window=on_window,
-                progress=show_progress)
-            windows = blended.windows
+        try:
+            if run_mode.streaming:
+                weight = gaussian_weight_map(params.roi_size, params.sigma_scale, flavour=self.gaussian)
+                blended = sliding_window_masks(
+                    image, predictor, weight, [params.threshold], roi_size=params.roi_size, overlap=overlap,
+                    placement=run_mode.placement, sw_device=self.device,
+                    accumulate_dtype=getattr(torch, run_mode.accumulate_dtype),
+                    keep_probabilities=keep_probabilities, cancel=cancel, on_window=on_window,
+                    progress=show_progress)
+                windows = blended.windows
+            else:
+                logits = sliding_window_logits(
+                    image, predictor, roi_size=params.roi_size, overlap=overlap, sw_batch_size=self.sw_batch_size,
+                    gaussian=self.gaussian, sigma_scale=params.sigma_scale, device="cpu", sw_device=self.device,
+                    progress=show_progress, cancel=cancel, on_window=on_window)
+                windows = count_windows(prep.shape, params.roi_size, overlap)
+        finally:
             if openvino_network is not None:
-                openvino_network.release()  # before the masks are unpacked (see below)
+                # Free the compiled network (weights and a window's intermediates, 1.3 GB for the full Swin
+                # UNETR) before the masks are unpacked and post-processed, and also when the run was cancelled
+                # or failed (a worker keeps its segmenter between runs); the next run compiles it again from
+                # the cache in about a second.
+                openvino_network.release()
+        if run_mode.streaming:
             raw = {i: blended.mask(k) for k, i in enumerate(needed)}
             if keep_probabilities:
                 probabilities = {i: blended.probabilities[k] for k, i in enumerate(needed) if i in requested_set}
             del blended
         else:
-            logits = sliding_window_logits(
-                image, predictor, roi_size=params.roi_size, overlap=overlap, sw_batch_size=self.sw_batch_size,
-                gaussian=self.gaussian, sigma_scale=params.sigma_scale, device="cpu", sw_device=self.device,
-                progress=show_progress, cancel=cancel, on_window=on_window)
-            windows = count_windows(prep.shape, params.roi_size, overlap)
             raw = {i: threshold(logits[0, k], params.threshold).numpy() for k, i in enumerate(needed)}
             if keep_probabilities:
                 probabilities = {i: (torch.sigmoid(logits[0, k]) * 255).round().to(torch.uint8).numpy()
                                  for k, i in enumerate(needed) if i in requested_set}
             del logits
         timings["inference"] = time.perf_counter() - t0
-        if openvino_network is not None:
-            # Free the compiled network (weights and a window's intermediates, 1.3 GB for the full Swin
-            # UNETR) before the post-processing, whose masks come on top of whatever is still held; the
-            # next run compiles it again from the cache in under a second.
-            openvino_network.release()
         check_cancel()
 
         t0 = time.perf_counter()

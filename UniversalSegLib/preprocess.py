@@ -349,6 +349,7 @@ def _monai_nearest_indices(xform: np.ndarray, src_shape: Sequence[int], dst_shap
     ``grid_sample``'s unnormalisation and ``nearbyint``, one axis at a time, so ties are broken identically.
     """
     import torch
+    from . import monai_import  # noqa: F401  (MONAI without torchvision)
     from monai.networks.utils import to_norm_affine
 
     theta = to_norm_affine(

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import RuntimeUnavailableError, UsageError
+from .errors import InferenceError, RuntimeUnavailableError, UsageError
 from .helpers import sha256_file
 from .settings import RUNTIMES
 
@@ -133,7 +133,7 @@ class OpenVINOWindowNetwork:
     the time the preparation took. The compiled network holds about 1.3 GB for the full Swin UNETR (the
     weights, mapped from the cache file, with their kernels' repacked copies; the intermediates of a window),
     which :meth:`release` frees between runs; the next window compiles it again from ``path`` (and OpenVINO's
-    compiled-network cache in ``cache_dir``), under a second.
+    compiled-network cache in ``cache_dir``), in about a second.
     """
 
     def __init__(self, path: str | os.PathLike, threads: int, key: str = "", converted: bool = False,
@@ -147,7 +147,15 @@ class OpenVINOWindowNetwork:
     def compiled(self):
         """The compiled network (compiled again if :meth:`release` dropped it)."""
         if self._compiled is None:
-            self._compiled = _compile(self.path, self.threads, self.cache_dir)
+            try:  # in use: the cache's pruning (oldest entries first) must not take it from a long session
+                os.utime(self.path.parent)
+            except OSError:
+                pass
+            try:
+                self._compiled = _compile(self.path, self.threads, self.cache_dir)
+            except Exception as error:  # e.g. the entry was removed by another process since this run checked it
+                raise InferenceError(f"The converted OpenVINO network in {self.path.parent} could not be loaded "
+                                     f"({error}); run again (it is converted anew if it is gone).") from error
         return self._compiled
 
     def available(self) -> bool:
@@ -160,7 +168,7 @@ class OpenVINOWindowNetwork:
         if self._request is None and self._compiled is None:
             return
         self._request = self._compiled = None
-        trim_heap()
+        trim_heap(collect=False)  # no reference cycles here: freed at once; a collection would cost 0.1-0.2 s
 
     def __call__(self, windows: torch.Tensor, share_output: bool = False) -> torch.Tensor:
         """Logits of ``windows``; a new tensor, or with ``share_output`` (one window) the request's own output
@@ -176,15 +184,17 @@ class OpenVINOWindowNetwork:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
-def trim_heap() -> None:
+def trim_heap(collect: bool = True) -> None:
     """Give freed heap memory back to the system (glibc's ``malloc_trim``; nothing elsewhere).
 
     Freed large blocks (a released PyTorch model, a window's tensors) otherwise stay in the process's
-    resident memory, where they count against the peak of every later stage."""
+    resident memory, where they count against the peak of every later stage. ``collect`` first runs the
+    garbage collector (0.1-0.2 s), needed where reference cycles may hold the memory (a PyTorch model)."""
     import ctypes
     import gc
 
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): the allocator keeps its own policy
