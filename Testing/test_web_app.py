@@ -198,10 +198,6 @@ def test_segment_editor_edits_and_review_in_the_page(tmp_path):
     assert not list((tmp_path / "training_cases").glob(".universalseg-review-*")), "closing released the lock"
 
 
-if __name__ == "__main__":  # pragma: no cover
-    pytest.main([__file__, "-q"])
-
-
 def test_several_allowed_folders_open_from_the_top_listing(tmp_path):
     """With several allowed folders the top listing shows the folders themselves; opening one of them (whose
     parent lies outside every allowed folder) lists it, and a CT inside the second one opens."""
@@ -230,6 +226,67 @@ def test_several_allowed_folders_open_from_the_top_listing(tmp_path):
         assert listed[ct.name]["kind"] == "ct", listed
         app.open_entry(listed[ct.name]["path"])
         assert app.state.us_error == "" and app.case is not None, app.state.us_error
+        app.folder_up()  # from an allowed folder: back to the top listing
+        assert app.state.us_error == "" and {e["name"] for e in app.state.us_entries} == {"first", "second"}, \
+            app.state.us_error
+        app.open_entry(top["first"])  # the first folder is listed, not the top again
+        names = {entry["name"] for entry in app.state.us_entries}
+        assert app.state.us_error == "" and not names & {"first", "second"}, (app.state.us_error, names)
+        assert app.state.us_folder
+    finally:
+        app.close()
+
+
+def test_case_ids_locks_and_exports_of_single_cts(tmp_path):
+    """In process: two CTs of the same name in two folders are two cases; leaving asks again after an edit
+    that followed the export; a lost lock turns the case read-only at export; an export folder that cannot
+    be created opens the case read-only."""
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "UniversalSeg"))
+    from trame.app import get_server
+
+    from UniversalSegLib.taxonomy import get_taxonomy
+    from UniversalSegWeb.app import ReviewApp
+    from UniversalSegWeb.folders import AllowedFolders
+    from UniversalSegWeb.locks import lock_path
+
+    ct = require_shared("data/totalsegmentator/example_ct_sm.nii.gz")
+    for patient in ("a", "b"):
+        (tmp_path / patient).mkdir()
+        shutil.copy(ct, tmp_path / patient / ct.name)
+    app = ReviewApp(get_server("test-web-app-case-ids", client_type="vue3"), AllowedFolders([tmp_path]), device="cpu")
+    try:
+        app.open_entry(f"a/{ct.name}")
+        first = app.case
+        assert first is not None and not first.read_only and first.case_id == "a_example_ct_sm", app.state.us_error
+        mask = np.zeros((122, 101, 30), bool)
+        mask[40:80, 30:70, 10:20] = True
+        app.logic.import_masks(first.volume_node, {LIVER: mask}, [get_taxonomy()[LIVER]], first.segmentation_node)
+        app.accept("liver")
+        app.export()
+        assert (tmp_path / "training_cases" / "a_example_ct_sm.case.json").is_file(), app.state.us_error
+        assert first.exported and not app._unexported_reviews()
+        spleen = np.zeros((122, 101, 30), bool)
+        spleen[85:100, 60:80, 10:20] = True
+        app.logic.import_masks(first.volume_node, {SPLEEN: spleen}, [get_taxonomy()[SPLEEN]], first.segmentation_node)
+        app.accept("spleen")  # reviewed after the export: leaving asks again
+        app.open_entry(f"b/{ct.name}")
+        assert app.state.us_confirm_leave and app.case is first
+        app.confirm_leave(True)
+        second = app.case
+        assert second is not first and second.case_id == "b_example_ct_sm", app.state.us_error
+        app.export()
+        assert "exists already" not in str(app.state.us_confirm_overwrite), "another patient's export is never replaced"
+
+        lock_path(second.lock_folder, second.case_id).unlink()  # the lock was lost (removed, or taken over)
+        app.export()
+        assert second.read_only and app.state.us_read_only and "lost" in app.state.us_error, app.state.us_error
+
+        app.state.us_export_folder = f"a/{ct.name}/exports"  # under a file: cannot be created
+        app.open_entry(f"a/{ct.name}")
+        assert app.case is not None and app.case.read_only, app.state.us_error
+        assert "cannot be exported" in app.state.us_lock_text, app.state.us_lock_text
     finally:
         app.close()
 
@@ -300,5 +357,15 @@ def test_click_in_a_slice_view_removes_and_adds_the_class_there(tmp_path):
         assert "Added Liver" in app.state.us_message, (app.state.us_message, app.state.us_error)
         assert [row["name"] for row in app.state.us_segments] == ["Liver"]
         app._set_pick(False)
+
+        app._start_job(app.logic.start_segmentation(case.volume_node, "spleen", app._model(), "cpu"), "segment")
+        app.case.exported = True  # nothing to ask about: opening another case cancels the run at once
+        app.open_entry(ct.name)
+        assert app.job is None and not app.state.us_busy, "a cancelled run leaves the page unlocked"
+        assert app.state.us_stage == "Cancelled: another case was opened.", app.state.us_stage
     finally:
         app.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    pytest.main([__file__, "-q"])

@@ -8,8 +8,9 @@ as an ``Authorization: token ...`` header. Every HTTP request and the websocket 
 middleware; a refused request gets 403 and a plain sentence saying what to do.
 
 Without a token (loopback only) the middleware still refuses what a web page elsewhere could make the
-browser send: a websocket upgrade from another origin (another site's script talking to the local
-server) and a Host header that is not a loopback name (DNS rebinding).
+browser send: a request whose Origin is not this server's own address (another site's script, another
+local server's page, or ``Origin: null`` from a sandboxed frame or a local file) and a Host header that
+is not a loopback name (DNS rebinding).
 
 This module imports only the standard library at import time (aiohttp is imported when the middleware
 is installed), and parses on Python 3.9.
@@ -73,6 +74,21 @@ def _host_of(host_header: str) -> str:
         return urlsplit(host_header).hostname or ""
     except ValueError:
         return ""
+
+
+def _host_and_port(value: str) -> tuple:
+    """``(host name, port)`` of a ``Host`` or ``Origin`` value (the scheme's port when none is written);
+    ``("", None)`` for one that names no host, such as ``null``."""
+    text = value if "://" in value else "//" + value
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        return "", None
+    if port is None:
+        port = 443 if parts.scheme in ("https", "wss") else 80
+    host = (parts.hostname or "").lower()
+    return (host, port) if host else ("", None)
 
 
 class AccessPolicy:
@@ -141,8 +157,10 @@ class AccessPolicy:
         # No token: only this machine, and only pages served by this server, may talk to it.
         if not is_loopback(_host_of(request.host or "")):
             return _FOREIGN_TEXT.format(what=f"the address {request.host!r}")
+        # A browser names the page that opened a connection in Origin; only this server's own pages (same
+        # host and port as the request's Host) may talk to it. "null" is a sandboxed frame or a local file.
         origin = request.headers.get("Origin")
-        if origin and origin != "null" and not is_loopback(_host_of(origin)):
+        if origin is not None and _host_and_port(origin) != _host_and_port(request.host or ""):
             return _FOREIGN_TEXT.format(what=f"a page of {origin}")
         return None
 

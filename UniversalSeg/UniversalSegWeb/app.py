@@ -30,14 +30,17 @@ from trame_slicer.app.logic import LayoutButtonLogic, SegmentEditorLogic
 from trame_slicer.core import SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 
+from UniversalSegLib.api import case_name
 from UniversalSegLib.errors import UniversalSegError
+from UniversalSegLib.io.atomic import ensure_writable_folder
 from UniversalSegLib.mrml import segment_class_index
 from UniversalSegSlicer.batch_review import BatchReview
 from UniversalSegSlicer.classes import ClassCatalog
 from UniversalSegSlicer.export import suggest_case_id
 from UniversalSegSlicer.jobs import PREVIEW_SHOWN_TEXT, JobCancelled
-from UniversalSegSlicer.logic import SegmentationLogic
+from UniversalSegSlicer.logic import STATISTICS_REFERENCE, SegmentationLogic
 from UniversalSegSlicer.results import ExistingSegmentsError
+from UniversalSegSlicer.review import REVIEWED_STATES
 
 from .folders import AllowedFolders
 from .locks import CaseLock, CaseLocked
@@ -188,7 +191,7 @@ class ReviewApp(ReviewPage, TrameApp):
         state.us_queue = []
         state.us_export_folder = DEFAULT_EXPORT_FOLDER
         state.us_case_id = ""
-        state.us_confirm_overwrite = False
+        state.us_confirm_overwrite = ""  # the question naming the earlier export, while asked
         state.us_confirm_leave = ""
         # which browser window controls the session: each window draws a random id (never sent back
         # unasked: client-only), the first one to say hello owns the session, another may take it over
@@ -224,11 +227,17 @@ class ReviewApp(ReviewPage, TrameApp):
         # one allowed folder: its content at the top; several: the folders themselves
         top = self.folders.roots[0] if len(self.folders.roots) == 1 else None
         entries = self.folders.list(relative or top)
-        root = self.folders.roots[0]
         self.state.us_folder = relative
-        self.state.us_entries = [{"name": e.name, "path": _relative(e.path, root), "kind": e.kind,
+        self.state.us_entries = [{"name": e.name, "path": self._listed_path(e.path), "kind": e.kind,
                                   "icon": icons.get(e.kind, "mdi-file"), "label": labels.get(e.kind, "")}
                                  for e in entries if e.kind != "other"]
+
+    def _listed_path(self, path) -> str:
+        """How the page names a path: relative to the allowed folder when there is one, else absolute (with
+        several allowed folders, the first one's relative path "" would be the top listing)."""
+        if len(self.folders.roots) == 1:
+            return _relative(path, self.folders.roots[0])
+        return str(Path(path).resolve())
 
     def _model(self) -> str:
         return self.state.us_model
@@ -250,9 +259,12 @@ class ReviewApp(ReviewPage, TrameApp):
     # ------------------------------------------------------------------------------------------ folders
     def folder_up(self) -> None:
         with self.state:
-            parent = str(Path(self.state.us_folder).parent)
             try:
-                self._list_folder("" if parent == "." else parent)
+                current = self.folders.resolve(self.state.us_folder or ".")
+                if current in self.folders.roots:  # an allowed folder's parent is the top listing
+                    self._list_folder("")
+                else:
+                    self._list_folder(self._listed_path(current.parent))
             except Exception as error:
                 self._fail(error, "Could not list the folder")
 
@@ -268,7 +280,7 @@ class ReviewApp(ReviewPage, TrameApp):
                 elif kind in ("ct", "dicom"):
                     self._leave_then(lambda: self.open_ct(resolved))
                 elif resolved.is_dir():
-                    self._list_folder(_relative(resolved, self.folders.roots[0]))
+                    self._list_folder(self._listed_path(resolved))
             except Exception as error:
                 self._fail(error, f"Could not open {Path(path).name}")
 
@@ -284,8 +296,8 @@ class ReviewApp(ReviewPage, TrameApp):
                     return
                 saved = self.folders.save_upload(upload.name, upload.content, self.max_upload_bytes)
                 self.state.us_message = f"Uploaded {saved.name}."
-                self._list_folder(_relative(saved.parent, self.folders.roots[0]))
-                self.open_ct(saved)
+                self._list_folder(self._listed_path(saved.parent))
+                self._leave_then(lambda: self.open_ct(saved))  # asks first about unexported reviews
             except Exception as error:
                 self._fail(error, "Upload refused")
             finally:
@@ -297,11 +309,16 @@ class ReviewApp(ReviewPage, TrameApp):
         from UniversalSegLib.io import read_volume
         from UniversalSegLib.mrml import volume_node_from_volume
 
-        case_id = suggest_case_id(path.name.split(".")[0] if path.is_file() else path.name)
-        # the lock lives where the case will be exported: the CT's own folder may be read-only
+        case_id = self._case_id_of(path)
+        # the lock lives where the case will be exported: the CT's own folder may be read-only; a case whose
+        # export folder cannot be written is only viewed
         lock_folder = self.folders.resolve(self.state.us_export_folder or DEFAULT_EXPORT_FOLDER, must_exist=False)
-        lock_folder.mkdir(parents=True, exist_ok=True)
-        lock, holder_text = self._acquire(lock_folder, case_id)
+        try:
+            ensure_writable_folder(lock_folder)
+        except UniversalSegError as error:
+            lock, holder_text = None, f"The case cannot be exported: {error.user_message}"
+        else:
+            lock, holder_text = self._acquire(lock_folder, case_id)
         try:
             volume = read_volume(path)
             self.close_case()
@@ -320,6 +337,14 @@ class ReviewApp(ReviewPage, TrameApp):
         self.state.us_case_id = case_id
         self._show_case()
         self.state.us_message = f"Opened {path.name}" + (" (read-only)." if lock is None else ".")
+
+    def _case_id_of(self, path: Path) -> str:
+        """The case id of a CT: its name without the image ending, after the folders that lead to it inside
+        its allowed folder (``a/ct.nii.gz`` and ``b/ct.nii.gz`` are two patients: ``a_ct`` and ``b_ct``)."""
+        real = Path(os.path.realpath(path))
+        root = self.folders.root_of(real)
+        parents = real.parent.relative_to(root).parts if root is not None else ()
+        return suggest_case_id("_".join([*parents, case_name(real)]))
 
     def open_batch(self, folder: Path) -> None:
         """Open a batch folder: its review queue, worst case first; the first case not exported is loaded."""
@@ -351,12 +376,7 @@ class ReviewApp(ReviewPage, TrameApp):
                     if lock is not None:
                         lock.release()
                     raise
-                self._set_pick(False)
-                if self.job is not None:  # a run on the previous case: its result has no volume any more
-                    self.job.cancel()
-                    self.job = None
-                    self.state.us_busy = False
-                self._release_lock()  # the previous case's; load_case removed its nodes
+                self._leave_case_session()  # the previous case's run and lock; load_case removed its nodes
                 self.case = OpenCase(case_id, loaded.volume_node, loaded.segmentation_node, self.batch.folder, lock,
                                      holder_text, batch_case=True)
                 self.state.us_case_id = case_id
@@ -382,7 +402,7 @@ class ReviewApp(ReviewPage, TrameApp):
         case = self.case
         if case is None or case.read_only:
             return False
-        if not any(state != "unreviewed" for state in self.logic.review_states(case.segmentation_node).values()):
+        if not any(state in REVIEWED_STATES for state in self.logic.review_states(case.segmentation_node).values()):
             return False
         if case.batch_case and self.batch is not None:
             return not self.batch.is_exported(case.case_id)
@@ -425,6 +445,8 @@ class ReviewApp(ReviewPage, TrameApp):
         self.slicer_app.display_manager.show_volume(case.volume_node, do_reset_views=True)
         self.slicer_app.segmentation_editor.set_active_segmentation(case.segmentation_node, case.volume_node)
         self.logic.track_edits(case.segmentation_node)
+        if case.read_only:  # viewed only: no effect stays active
+            self.slicer_app.segmentation_editor.deactivate_effect()
         self.state.us_case = case.case_id
         self.state.us_read_only = case.read_only
         self.state.us_lock_text = case.holder_text + (" The case is open read-only." if case.holder_text else "")
@@ -447,7 +469,13 @@ class ReviewApp(ReviewPage, TrameApp):
         if self._refreshing or self.case is None:
             return
         with self.state:
+            self._changed()
             self._refresh_rows()
+
+    def _changed(self) -> None:
+        """The open case changed after its export: leaving it asks again."""
+        if self.case is not None:
+            self.case.exported = False
 
     def _refresh_segments(self) -> None:
         """The segment rows, and the Segment Editor's list and active segment."""
@@ -487,20 +515,27 @@ class ReviewApp(ReviewPage, TrameApp):
                 log.exception("releasing the lock of %s", self.case.case_id)
             self.case.lock = None
 
-    def close_case(self) -> None:
-        """Release the open case's lock and remove its nodes (exported files stay)."""
+    def _leave_case_session(self) -> None:
+        """Stop what belongs to the open case apart from its nodes: pick mode, its run (the page unlocks), its lock."""
         self._set_pick(False)
-        if self.job is not None:
+        if self.job is not None:  # a run on this case: its result has no volume any more
             self.job.cancel()
             self.job = None
+            self.state.us_busy = False
+            self.state.us_progress = 0
+            self.state.us_stage = "Cancelled: another case was opened."
         self._release_lock()
+
+    def close_case(self) -> None:
+        """Release the open case's lock and remove its nodes (exported files stay)."""
+        self._leave_case_session()
         case, self.case = self.case, None
         if case is None:
             return
         if case.batch_case and self.batch is not None:
             self.batch.close_case()
         scene = self.slicer_app.scene
-        table = case.segmentation_node.GetNodeReference("UniversalSegStatistics") if case.segmentation_node else None
+        table = case.segmentation_node.GetNodeReference(STATISTICS_REFERENCE) if case.segmentation_node else None
         for node in (case.segmentation_node, table, case.volume_node):
             if node is not None and scene.IsNodePresent(node):
                 scene.RemoveNode(node)
@@ -580,7 +615,7 @@ class ReviewApp(ReviewPage, TrameApp):
         if not job.done():
             self.state.us_progress = round(100 * job.progress)
             self.state.us_stage = job.status_text
-            if job.preview() is not None and "preview_segments" not in job.metadata:
+            if self.logic.preview_pending(job):
                 self._show_preview(job)
             return
         self.job = None
@@ -589,8 +624,7 @@ class ReviewApp(ReviewPage, TrameApp):
         self.state.us_stage = job.status_text
         case = self.case
         # a quick result already shown stays when the exact run is cancelled or fails
-        left = (" The quick result stays (segments named \"... (quick result)\")."
-                if job.metadata.get("preview_segments") else " Nothing was changed.")
+        left = self.logic.unfinished_note(job)
         try:
             outcome = job.result()
             if case is None:
@@ -598,16 +632,13 @@ class ReviewApp(ReviewPage, TrameApp):
             if self._job_kind == "segment":
                 try:
                     applied = self.logic.apply_result(job, case.volume_node, case.segmentation_node, self._replace)
+                    self._changed()
                 except ExistingSegmentsError:  # a segment of these classes appeared (a click) while it ran
                     self.state.us_message = "Not applied: those classes got segments while the run went on."
                     return
                 loaded = "" if outcome.info and outcome.info.get("model_loaded") else ", model already loaded"
-                kept = ""
-                if applied.kept_previews:
-                    segmentation = applied.segmentation_node.GetSegmentation()
-                    names = ", ".join(segmentation.GetSegment(i).GetName() for i in applied.kept_previews.values())
-                    kept = f" Kept the quick-result segments you edited or accepted ({names})."
-                self.state.us_stage = f"Done in {job.elapsed:.0f} s{loaded}: {len(applied.segment_ids)} segments.{kept}"
+                self.state.us_stage = (f"Done in {job.elapsed:.0f} s{loaded}: {len(applied.segment_ids)} segments."
+                                       f"{self.logic.kept_previews_note(applied)}")
             elif self._job_kind == "predict" and self._pending_click is not None:
                 ras, self._pending_click = self._pending_click, None
                 self._answer_click(self.logic.classes_at(case.volume_node, ras, self._model()) or [])
@@ -621,17 +652,14 @@ class ReviewApp(ReviewPage, TrameApp):
         self._refresh_segments()
 
     def _show_preview(self, job) -> None:
-        """A progressive run's quick result, shown until the exact one replaces it."""
+        """A progressive run's quick result, shown until the exact one replaces it (classes that already have
+        a segment keep it until then: a preview never replaces one)."""
         case = self.case
         if case is None:
             return
         try:
-            applied = self.logic.apply_preview(job, case.volume_node, case.segmentation_node, self._replace)
-        except ExistingSegmentsError:  # a segment appeared meanwhile: wait for the exact result
-            job.metadata["preview_segments"] = None  # not shown, and not tried again
-            return
-        except Exception as error:
-            job.metadata["preview_segments"] = None
+            applied = self.logic.apply_preview(job, case.volume_node, case.segmentation_node)
+        except Exception as error:  # marked handled by the logic: reported once
             self._fail(error, "Could not show the quick result")
             return
         if applied is not None:
@@ -700,6 +728,7 @@ class ReviewApp(ReviewPage, TrameApp):
             info = self._hit_infos.get(int(index))
             if case is None or info is None or case.read_only:
                 return
+            self._changed()
             try:
                 if self.logic.existing_classes(case.segmentation_node, [info]):
                     self.logic.remove_class_segment(case.segmentation_node, info)
@@ -721,6 +750,7 @@ class ReviewApp(ReviewPage, TrameApp):
             case = self.case
             if case is None or case.read_only:
                 return
+            self._changed()
             try:
                 self.logic.set_review_state(case.segmentation_node, segment_id, state)
                 self.logic.update_statistics_table(case.segmentation_node, case.volume_node)
@@ -739,6 +769,7 @@ class ReviewApp(ReviewPage, TrameApp):
             if segment is None:
                 return
             index = segment_class_index(segment)
+            self._changed()
             try:
                 if index is not None:
                     info = next((c for c in self._catalog.taxonomy if c.index == index), None)
@@ -755,14 +786,18 @@ class ReviewApp(ReviewPage, TrameApp):
         (inside the allowed folders); an earlier export is replaced only after the page confirms."""
         with self.state:
             self.state.us_error = ""
-            self.state.us_confirm_overwrite = False
+            self.state.us_confirm_overwrite = ""
             case = self.case
             if case is None or case.read_only:
                 return
             try:
+                if case.lock is not None:
+                    case.lock.refresh()  # raises CaseLocked when another session took the case over
                 if case.batch_case and self.batch is not None:
                     if self.batch.is_exported(case.case_id) and not overwrite:
-                        self.state.us_confirm_overwrite = True
+                        self.state.us_confirm_overwrite = (
+                            f"Case {case.case_id} was exported into {_relative(self.batch.folder, self.folders.roots[0])} "
+                            "before. Replace that export?")
                         return
                     path = self.batch.export(overwrite=bool(overwrite))
                     self._refresh_queue()
@@ -770,14 +805,21 @@ class ReviewApp(ReviewPage, TrameApp):
                     folder = self.folders.resolve(self.state.us_export_folder or DEFAULT_EXPORT_FOLDER,
                                                   must_exist=False)
                     case_id = suggest_case_id(self.state.us_case_id or case.case_id)
-                    if (folder / f"{case_id}.case.json").exists() and not overwrite:
-                        self.state.us_confirm_overwrite = True
+                    existing = folder / f"{case_id}.case.json"
+                    if existing.exists() and not overwrite:
+                        self.state.us_confirm_overwrite = (f"{_relative(existing, self.folders.roots[0])} exists "
+                                                           "already (an earlier export). Replace it?")
                         return
-                    folder.mkdir(parents=True, exist_ok=True)
+                    ensure_writable_folder(folder)
                     path = self.logic.export_for_training(case.volume_node, case.segmentation_node, folder, case_id,
                                                           overwrite=bool(overwrite), taxonomy=self._catalog.taxonomy)
                     case.exported = True
                 self.state.us_message = f"Exported {Path(path).name} to {_relative(Path(path).parent, self.folders.roots[0])}."
+            except CaseLocked as lost:  # another session has the case now: this one only views it
+                self._release_lock()
+                case.holder_text = lost.user_message
+                self._show_case()
+                self._fail(lost, "Export refused")
             except Exception as error:
                 self._fail(error, "Export failed")
 
@@ -790,11 +832,11 @@ class ReviewApp(ReviewPage, TrameApp):
             await asyncio.sleep(POLL_SECONDS)
             if self.job is None:
                 continue
-            try:
-                with self.state:
+            with self.state:
+                try:
                     self._poll_job()
-            except Exception:  # keep polling: the page shows the next error
-                log.exception("polling the worker")
+                except Exception as error:  # shown on the page; polling goes on
+                    self._fail(error, "Updating the page failed")
 
     def close(self) -> None:
         """Release the lock, cancel what runs, stop the worker (server exit, Ctrl-C); once."""

@@ -24,14 +24,17 @@ class ReviewPage:
             self.ui_layout = layout
             layout.typed_state.data.active_tool = SegmentEditorUI.__name__
             with layout.drawer:
-                self.editor_ui = SegmentEditorUI(v_if=("us_case",))
+                # a read-only case (locked by another session, or not exportable) is viewed, never edited
+                self.editor_ui = SegmentEditorUI(v_if=("us_case && !us_read_only",))
                 html.Div("Open a CT or a batch case to edit its segments here.", v_if=("!us_case",),
                          classes="pa-4 text-caption")
+                html.Div("This case is open read-only: it cannot be edited here.", v_if=("us_case && us_read_only",),
+                         classes="pa-4 text-caption", raw_attrs=['data-testid="editor-read-only"'])
             with layout.toolbar:
                 self.layout_button = LayoutButton(classes="mt-1")
-                SegmentEditorToolbarUI(editor_ui=self.editor_ui)
+                SegmentEditorToolbarUI(editor_ui=self.editor_ui, v_if=("us_case && !us_read_only",))
             with layout.undo_redo:
-                SegmentEditorUndoRedoUI(editor_ui=self.editor_ui, v_if=("us_case",))
+                SegmentEditorUndoRedoUI(editor_ui=self.editor_ui, v_if=("us_case && !us_read_only",))
             with layout.content:
                 self.layout_logic.layout_manager.initialize_layout_grid(layout)
             with v3.VNavigationDrawer(location="right", permanent=True, width=400,
@@ -71,7 +74,7 @@ class ReviewPage:
     def _build_open_panel(self) -> None:
         with v3.VExpansionPanel(title="Open"):
             with v3.VExpansionPanelText():
-                html.Div("Folder: /{{ us_folder }}", classes="text-caption", raw_attrs=['data-testid="folder"'])
+                html.Div("Folder: {{ us_folder.startsWith('/') ? '' : '/' }}{{ us_folder }}", classes="text-caption", raw_attrs=['data-testid="folder"'])
                 with v3.VList(density="compact", max_height=220, style="overflow-y: auto;",
                               raw_attrs=['data-testid="folder-list"']):
                     v3.VListItem(title="..", prepend_icon="mdi-arrow-up", v_if=("us_folder",), click=self.folder_up,
@@ -167,7 +170,7 @@ class ReviewPage:
                         disabled=("us_busy || !us_case || us_read_only",), raw_attrs=['data-testid="export"'])
                 with v3.VAlert(v_if=("us_confirm_overwrite",), type="warning", density="compact", classes="mt-2",
                                raw_attrs=['data-testid="confirm-overwrite"']):
-                    html.Div("This case was exported before. Replace that export?")
+                    html.Div("{{ us_confirm_overwrite }}")  # names the earlier export
                     v3.VBtn("Replace", size="small", color="warning", click=(self.export, "[true]"),
                             raw_attrs=['data-testid="confirm-overwrite-yes"'])
                     v3.VBtn("Keep it", size="small", variant="text", click="us_confirm_overwrite = false")
