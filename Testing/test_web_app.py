@@ -193,6 +193,8 @@ def test_segment_editor_edits_and_review_in_the_page(tmp_path):
         assert app.state.us_confirm_overwrite, "a second export asks before replacing the first"
         app.export(True)
         assert not app.state.us_error, app.state.us_error
+        (exported,) = (tmp_path / "training_cases").glob("*.case.json")
+        assert "UniversalSeg review (browser)" in json.loads(exported.read_text())["source"]["tool"]
     finally:
         app.close()
     assert not list((tmp_path / "training_cases").glob(".universalseg-review-*")), "closing released the lock"

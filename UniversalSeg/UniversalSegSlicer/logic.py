@@ -104,14 +104,17 @@ class SegmentationLogic:
         python: the worker's interpreter (default: :func:`worker_python`).
         worker: a :class:`~UniversalSegLib.worker.WorkerProcess` to use instead of an own one (scripts that
             work on several scenes share one loaded model); it is not stopped by :meth:`shutdown`.
+        front_end: which UniversalSeg front-end drives this logic, recorded as the source of exported
+            training cases ("Slicer module", "review (browser)").
     """
 
     def __init__(self, scene, threads: int | None = None, prediction_cache_size: int = 1,
-                 python: str | None = None, worker=None) -> None:
+                 python: str | None = None, worker=None, front_end: str = "Slicer module") -> None:
         from UniversalSegLib.worker import WorkerProcess
 
         self.scene = scene
         self.threads = threads
+        self.front_end = front_end
         self._own_worker = worker is None
         self.worker = worker if worker is not None else WorkerProcess(python or worker_python())
         self.downloader = WorkerProcess(python or worker_python())  # separate: a cancelled download is killed
@@ -621,7 +624,7 @@ class SegmentationLogic:
                             taxonomy: Taxonomy | None = None) -> Path:
         """Write the reviewed segments as a partially labelled training case; returns the .case.json path."""
         return export_training_case(volume_node, segmentation_node, folder, case_id, overwrite=overwrite,
-                                    source={"tool": f"UniversalSeg Slicer module {__version__}"},
+                                    source={"tool": f"UniversalSeg {self.front_end} {__version__}"},
                                     taxonomy=taxonomy, tracker=self._trackers.get(segmentation_node.GetID()))
 
     # ---------------------------------------------------------------------------------------- statistics

@@ -28,7 +28,7 @@ from UniversalSegLib.mrml import (
 )
 from UniversalSegLib.taxonomy import ClassInfo
 
-from .review import TAG_REVIEW, TAG_VOXELS
+from .review import TAG_REVIEW, TAG_VOXELS, segment_tag
 
 __all__ = ["ExistingSegmentsError", "AppliedResult", "class_segment_ids", "insert_class_masks",
            "TAG_MODEL", "TAG_PREVIEW", "PREVIEW_NAME_SUFFIX", "preview_mode"]
@@ -43,10 +43,7 @@ PREVIEW_NAME_SUFFIX = " (quick result)"
 
 def preview_mode(segment) -> str:
     """The mode of a quick-preview segment ("fast"), or "" for any other segment."""
-    import vtk
-
-    value = vtk.mutable("")
-    return str(value) if segment.GetTag(TAG_PREVIEW, value) else ""
+    return segment_tag(segment, TAG_PREVIEW) or ""
 
 
 class ExistingSegmentsError(OutputError, ValueError):

@@ -33,7 +33,8 @@ class ReviewError(UsageError, ValueError):
     """Unknown review state, or a segment that UniversalSeg does not track."""
 
 
-def _tag(segment, name: str) -> str | None:
+def segment_tag(segment, name: str) -> str | None:
+    """The value of a segment's tag ``name``, or None when it has none."""
     import vtk
 
     value = vtk.mutable("")
@@ -42,7 +43,7 @@ def _tag(segment, name: str) -> str | None:
 
 def review_state(segment) -> str | None:
     """The segment's review state, or None for a segment without one (not made by UniversalSeg)."""
-    return _tag(segment, TAG_REVIEW)
+    return segment_tag(segment, TAG_REVIEW)
 
 
 def layer_voxel_counts(segmentation) -> dict[str, int]:
@@ -156,7 +157,7 @@ class EditTracker:
             state = review_state(segment)
             if state is None or state == "corrected" or segment_class_index(segment) is None:
                 continue
-            recorded = _tag(segment, TAG_VOXELS)
+            recorded = segment_tag(segment, TAG_VOXELS)
             if recorded is not None and int(recorded) != counts.get(segment_id, 0):
                 segment.SetTag(TAG_REVIEW, "corrected")
                 changed.append(segment_id)

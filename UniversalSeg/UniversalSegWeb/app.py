@@ -38,6 +38,7 @@ from UniversalSegSlicer.batch_review import BatchReview
 from UniversalSegSlicer.classes import ClassCatalog
 from UniversalSegSlicer.export import suggest_case_id
 from UniversalSegSlicer.jobs import PREVIEW_SHOWN_TEXT, JobCancelled
+from UniversalSegSlicer.messages import plain_message
 from UniversalSegSlicer.logic import STATISTICS_REFERENCE, SegmentationLogic
 from UniversalSegSlicer.results import ExistingSegmentsError
 from UniversalSegSlicer.review import REVIEWED_STATES
@@ -57,12 +58,10 @@ DEFAULT_EXPORT_FOLDER = "training_cases"
 
 
 def page_message(error: BaseException) -> str:
-    """What the page shows for an error: the library's plain message, never a traceback."""
-    if isinstance(error, UniversalSegError):
-        return error.user_message
-    if isinstance(error, (FileNotFoundError, PermissionError, FileExistsError, ValueError, KeyError, LookupError)):
-        return str(error).strip("'\"")
-    return f"Unexpected error ({type(error).__name__}: {error}). The details are in the server's log."
+    """What the page shows for an error: the module's plain message (never a traceback), with the server's
+    log as the place for details."""
+    return plain_message(error, details="The details are in the server's log.",
+                         install='Install the missing package on the server (pip install "universalseg[web]").')
 
 
 def model_options(extra: str | os.PathLike | None = None) -> list[dict]:
@@ -132,7 +131,7 @@ class ReviewApp(ReviewPage, TrameApp):
         register_rca_factories(self.slicer_app.view_manager, self.server)
         self.editor_logic = SegmentEditorLogic(self.server, self.slicer_app)
         self.layout_logic = LayoutButtonLogic(self.server, self.slicer_app)
-        self.logic = logic or SegmentationLogic(self.slicer_app.scene)
+        self.logic = logic or SegmentationLogic(self.slicer_app.scene, front_end="review (browser)")
         self.batch: BatchReview | None = None
         self.case: OpenCase | None = None
         self.job = None

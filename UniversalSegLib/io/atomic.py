@@ -355,10 +355,6 @@ def pause_for_tests(point: str, stop=None) -> None:
         time.sleep(0.05)
 
 
-def _test_pause(point: str, deferred: _DeferredSignals | None = None) -> None:
-    pause_for_tests(point, None if deferred is None else (lambda: deferred.received))
-
-
 def _write_json(path: Path, data) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(data))
@@ -493,7 +489,7 @@ class OutputTransaction:
     # ----------------------------------------------------------------------------- switching
     def commit(self) -> list[Path]:
         """Switch every staged output in (see the class documentation); returns the final paths."""
-        _test_pause("staged")
+        pause_for_tests("staged")
         for name in self.names:
             if not (self.run / "new" / name).exists():
                 raise RuntimeError(f"internal error: nothing was written for {name}")
@@ -512,7 +508,7 @@ class OutputTransaction:
                     os.rename(new, final)
                     done.append(name)
                     if len(done) == 1:
-                        _test_pause("switching", deferred)
+                        pause_for_tests("switching", lambda: deferred.received)
                 _write_json(self.run / "journal.json", {"state": "done"})
             except BaseException:
                 for name in reversed(done):  # put the previous set back
