@@ -236,8 +236,10 @@ def test_logic_shows_the_preview_then_replaces_it_keeping_edits_and_other_segmen
     job = logic.start_segmentation(node, "liver, spleen, right kidney", DEMO_MODEL, "cpu", progressive=True,
                                    on_preview=arrived.append)
     assert job.wait(120) and job.preview() is not None and arrived == [job.preview()]
+    quick = dict(job.preview().result.masks)  # apply_preview drops them from the job (memory)
     shown = logic.apply_preview(job, node, output)
     assert logic.apply_preview(job, node, output) is None  # shown once
+    assert not job.preview().result.masks
     segmentation = output.GetSegmentation()
     names = _segment_names(output)
     assert names[notes_id] == "My notes"
@@ -245,7 +247,6 @@ def test_logic_shows_the_preview_then_replaces_it_keeping_edits_and_other_segmen
     assert sorted(names[sid] for sid in preview_ids.values()) == [
         "Liver (quick result)", "Right Kidney (quick result)", "Spleen (quick result)"]
     assert all(preview_mode(segmentation.GetSegment(sid)) == "fast" for sid in preview_ids.values())
-    quick = job.preview().result.masks
     for index, sid in preview_ids.items():
         assert np.array_equal(mask_from_segment(output, sid, node), quick[index]), index
 

@@ -360,6 +360,16 @@ def test_click_in_a_slice_view_removes_and_adds_the_class_there(tmp_path):
         assert [row["name"] for row in app.state.us_segments] == ["Liver"]
         app._set_pick(False)
 
+        # a run whose class got a segment meanwhile (here: the click above) is not thrown away: the page asks
+        job = app.logic.start_segmentation(case.volume_node, "liver", app._model(), "cpu")
+        app._replace = False
+        app._start_job(job, "segment")
+        _wait_for_job(app)
+        assert "Liver" in app.state.us_confirm_replace, (app.state.us_confirm_replace, app.state.us_error)
+        app.confirm_replace(True)
+        assert not app.state.us_confirm_replace and app.state.us_stage.startswith("Done"), app.state.us_stage
+        assert [row["name"] for row in app.state.us_segments] == ["Liver"]
+
         app._start_job(app.logic.start_segmentation(case.volume_node, "spleen", app._model(), "cpu"), "segment")
         app.case.exported = True  # nothing to ask about: opening another case cancels the run at once
         app.open_entry(ct.name)

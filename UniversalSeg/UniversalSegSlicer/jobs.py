@@ -74,6 +74,7 @@ class BackgroundJob:
                  on_preview: Callable[[Any], None] | None = None):
         self.description = description
         self.phase: str | None = None  # progressive runs: "preview" (fast layout) or "exact"
+        self._progress_shown = 0.0
         self._preview: Any = None
         self._on_preview = on_preview
         self.state = JobState.QUEUED
@@ -185,7 +186,12 @@ class BackgroundJob:
 
     @property
     def progress(self) -> float:
-        """Overall progress 0..1 (stage weights of :data:`STAGE_WEIGHTS`)."""
+        """Overall progress 0..1 (stage weights of :data:`STAGE_WEIGHTS`), never going back: a progressive
+        run learns that it is one only after load and check, whose share then belongs to no phase."""
+        self._progress_shown = max(self._progress_shown, self._progress_now())
+        return self._progress_shown
+
+    def _progress_now(self) -> float:
         if self.state is JobState.SUCCEEDED:
             return 1.0
         order = list(STAGE_WEIGHTS)

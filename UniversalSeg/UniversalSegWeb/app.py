@@ -138,6 +138,7 @@ class ReviewApp(ReviewPage, TrameApp):
         self._job_kind = ""
         self._pending_click = None
         self._pending_leave = None
+        self._unapplied = None  # a finished run waiting for "replace the segments that appeared meanwhile?"
         self._hit_infos: dict = {}  # class index -> ClassInfo of the last click's classes
         self._closed = False
         self._replace = False
@@ -192,6 +193,7 @@ class ReviewApp(ReviewPage, TrameApp):
         state.us_case_id = ""
         state.us_confirm_overwrite = ""  # the question naming the earlier export, while asked
         state.us_confirm_leave = ""
+        state.us_confirm_replace = ""  # the question, while a finished run waits for the answer
         # which browser window controls the session: each window draws a random id (never sent back
         # unasked: client-only), the first one to say hello owns the session, another may take it over
         state.us_me = ""
@@ -523,6 +525,8 @@ class ReviewApp(ReviewPage, TrameApp):
             self.state.us_busy = False
             self.state.us_progress = 0
             self.state.us_stage = "Cancelled: another case was opened."
+        self._unapplied = None  # a finished run waiting for an answer belongs to this case too
+        self.state.us_confirm_replace = ""
         self._release_lock()
 
     def close_case(self) -> None:
@@ -630,14 +634,11 @@ class ReviewApp(ReviewPage, TrameApp):
                 return
             if self._job_kind == "segment":
                 try:
-                    applied = self.logic.apply_result(job, case.volume_node, case.segmentation_node, self._replace)
-                    self._changed()
-                except ExistingSegmentsError:  # a segment of these classes appeared (a click) while it ran
-                    self.state.us_message = "Not applied: those classes got segments while the run went on."
-                    return
-                loaded = "" if outcome.info and outcome.info.get("model_loaded") else ", model already loaded"
-                self.state.us_stage = (f"Done in {job.elapsed:.0f} s{loaded}: {len(applied.segment_ids)} segments."
-                                       f"{self.logic.kept_previews_note(applied)}")
+                    self._apply_segmentation(job, self._replace)
+                except ExistingSegmentsError as error:  # a segment of these classes appeared (a click) meanwhile
+                    self._unapplied = job  # the page asks; the result is not thrown away
+                    self.state.us_confirm_replace = error.user_message
+                    self.state.us_stage = "Finished: the result waits for your answer."
             elif self._job_kind == "predict" and self._pending_click is not None:
                 ras, self._pending_click = self._pending_click, None
                 self._answer_click(self.logic.classes_at(case.volume_node, ras, self._model()) or [])
@@ -649,6 +650,31 @@ class ReviewApp(ReviewPage, TrameApp):
             self.state.us_stage = "Failed." + left
             self._fail(error, "The run failed")
         self._refresh_segments()
+
+    def _apply_segmentation(self, job, replace: bool) -> None:
+        case = self.case
+        applied = self.logic.apply_result(job, case.volume_node, case.segmentation_node, replace)
+        self._changed()
+        outcome = job.result()
+        loaded = "" if outcome.info and outcome.info.get("model_loaded") else ", model already loaded"
+        self.state.us_stage = (f"Done in {job.elapsed:.0f} s{loaded}: {len(applied.segment_ids)} segments."
+                               f"{self.logic.kept_previews_note(applied)}")
+
+    def confirm_replace(self, replace: bool) -> None:
+        """The answer to "replace the segments that appeared while the run went on?"."""
+        with self.state:
+            job, self._unapplied = self._unapplied, None
+            self.state.us_confirm_replace = ""
+            if job is None or self.case is None:
+                return
+            if not replace:
+                self.state.us_stage = "Not applied: the existing segments were kept."
+                return
+            try:
+                self._apply_segmentation(job, True)
+            except Exception as error:
+                self._fail(error, "Could not apply the result")
+            self._refresh_segments()
 
     def _show_preview(self, job) -> None:
         """A progressive run's quick result, shown until the exact one replaces it (classes that already have

@@ -65,6 +65,12 @@ class ReviewPage:
                 v3.VBtn("Close it", size="small", color="warning", click=(self.confirm_leave, "[true]"),
                         raw_attrs=['data-testid="confirm-leave-yes"'])
                 v3.VBtn("Stay", size="small", variant="text", click=(self.confirm_leave, "[false]"))
+            with v3.VAlert(v_if=("us_confirm_replace",), type="warning", density="compact",
+                           raw_attrs=['data-testid="confirm-replace"']):
+                html.Div("{{ us_confirm_replace }}")
+                v3.VBtn("Replace", size="small", color="warning", click=(self.confirm_replace, "[true]"),
+                        raw_attrs=['data-testid="confirm-replace-yes"'])
+                v3.VBtn("Keep mine", size="small", variant="text", click=(self.confirm_replace, "[false]"))
             with v3.VExpansionPanels(multiple=True, v_model=("us_panels", [0, 1, 2, 3])):
                 self._build_open_panel()
                 self._build_run_panel()
