@@ -59,18 +59,10 @@ class ReviewPage:
             v3.VAlert(text=("us_lock_text",), v_if=("us_lock_text",), type="warning", density="compact",
                       raw_attrs=['data-testid="lock-text"'])
             html.Div("{{ us_message }}", classes="text-body-2", raw_attrs=['data-testid="message"'])
-            with v3.VAlert(v_if=("us_confirm_leave",), type="warning", density="compact",
-                           raw_attrs=['data-testid="confirm-leave"']):
-                html.Div("{{ us_confirm_leave }}")
-                v3.VBtn("Close it", size="small", color="warning", click=(self.confirm_leave, "[true]"),
-                        raw_attrs=['data-testid="confirm-leave-yes"'])
-                v3.VBtn("Stay", size="small", variant="text", click=(self.confirm_leave, "[false]"))
-            with v3.VAlert(v_if=("us_confirm_replace",), type="warning", density="compact",
-                           raw_attrs=['data-testid="confirm-replace"']):
-                html.Div("{{ us_confirm_replace }}")
-                v3.VBtn("Replace", size="small", color="warning", click=(self.confirm_replace, "[true]"),
-                        raw_attrs=['data-testid="confirm-replace-yes"'])
-                v3.VBtn("Keep mine", size="small", variant="text", click=(self.confirm_replace, "[false]"))
+            _question("us_confirm_leave", "confirm-leave", "Close it", (self.confirm_leave, "[true]"),
+                      "Stay", (self.confirm_leave, "[false]"))
+            _question("us_confirm_replace", "confirm-replace", "Replace", (self.confirm_replace, "[true]"),
+                      "Keep mine", (self.confirm_replace, "[false]"))
             with v3.VExpansionPanels(multiple=True, v_model=("us_panels", [0, 1, 2, 3])):
                 self._build_open_panel()
                 self._build_run_panel()
@@ -174,9 +166,16 @@ class ReviewPage:
                               hide_details=True, classes="mt-2", raw_attrs=['data-testid="case-id"'])
                 v3.VBtn("Export for training", click=self.export, color="primary", block=True, classes="mt-2",
                         disabled=("us_busy || !us_case || us_read_only",), raw_attrs=['data-testid="export"'])
-                with v3.VAlert(v_if=("us_confirm_overwrite",), type="warning", density="compact", classes="mt-2",
-                               raw_attrs=['data-testid="confirm-overwrite"']):
-                    html.Div("{{ us_confirm_overwrite }}")  # names the earlier export
-                    v3.VBtn("Replace", size="small", color="warning", click=(self.export, "[true]"),
-                            raw_attrs=['data-testid="confirm-overwrite-yes"'])
-                    v3.VBtn("Keep it", size="small", variant="text", click="us_confirm_overwrite = false")
+                # the question names the earlier export
+                _question("us_confirm_overwrite", "confirm-overwrite", "Replace", (self.export, "[true]"),
+                          "Keep it", "us_confirm_overwrite = false", classes="mt-2")
+
+
+def _question(variable: str, testid: str, yes: str, on_yes, no: str, on_no, classes: str = "") -> None:
+    """A warning that asks the question held in the state ``variable`` (shown while it is set), with a
+    yes button (``data-testid`` ``<testid>-yes``) and a no button."""
+    with v3.VAlert(v_if=(variable,), type="warning", density="compact", classes=classes,
+                   raw_attrs=[f'data-testid="{testid}"']):
+        html.Div("{{ " + variable + " }}")
+        v3.VBtn(yes, size="small", color="warning", click=on_yes, raw_attrs=[f'data-testid="{testid}-yes"'])
+        v3.VBtn(no, size="small", variant="text", click=on_no)
