@@ -289,5 +289,8 @@ def _validate_upload(name: str, temporary: Path) -> None:
     try:
         read_volume(temporary)
     except UniversalSegIOError as error:
-        reason = str(error).replace(str(temporary), name)
+        reason = str(error)
+        if reason.startswith(f"{temporary}: "):  # the reader names the file first: already said here
+            reason = reason[len(f"{temporary}: "):]
+        reason = reason.replace(str(temporary), name)
         raise UploadRejected(f"Upload {name!r} refused: {reason}") from error
