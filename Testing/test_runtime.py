@@ -16,7 +16,8 @@ import torch
 from conftest import fixture_input, require_shared, small_checkpoint, write_released_style_checkpoint
 from UniversalSegLib.checkpoints import load_checkpoint
 from UniversalSegLib.errors import RuntimeUnavailableError
-from UniversalSegLib.model import ModelConfig, UniversalModel
+from UniversalSegLib.model import ModelConfig, UniversalModel, swin_unetr
+from UniversalSegLib.memory import drop_mapped_pages
 from UniversalSegLib.runtime import RUNTIME_ENV, prepare_openvino, prune_cache, resolve_runtime
 
 openvino = pytest.importorskip("openvino")
@@ -84,6 +85,78 @@ def test_converted_swin_equals_pytorch():
     assert got.shape == expected.shape == (1, 3, 64, 64, 64)
     # Logits of order 1; float32 summation order only (measured 4e-6 here).
     assert np.abs(got - expected).max() < 1e-4, np.abs(got - expected).max()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_composed_upsampling_equals_upsample_then_convolve(k):
+    """A k^3 convolution of a 2x2x2 stride-2 transposed convolution is one stride-2 transposed convolution
+    (the exported decoder's last stage); odd sizes and unequal channel counts check the borders and layouts."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(2, 5, 3, 4, 5, generator=g, dtype=torch.float64)
+    upsample = torch.randn(5, 4, 2, 2, 2, generator=g, dtype=torch.float64)
+    kernel = torch.randn(3, 4, k, k, k, generator=g, dtype=torch.float64)
+    expected = torch.nn.functional.conv3d(torch.nn.functional.conv_transpose3d(x, upsample, stride=2), kernel,
+                                          padding=k // 2)
+    composed = swin_unetr._compose_up(kernel, upsample)
+    assert composed.shape == (5, 3, k + 1, k + 1, k + 1)
+    got = torch.nn.functional.conv_transpose3d(x.float(), composed, stride=2, padding=k // 2)
+    assert got.shape == expected.shape == (2, 3, 6, 8, 10)
+    assert (got.double() - expected).abs().max() < 1e-4
+
+
+def test_export_form_equals_the_backbone():
+    """The graph the converter traces (no upsampled map, no concatenation at full resolution; the first
+    encoder block late) computes what the backbone computes."""
+    model = _small_model("swinunetr").backbone
+    window = torch.randn(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        lean = model(window)
+        export = model._forward_blocks(window, export=True)
+    for got, expected in zip(export, lean):
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max() < 1e-4
+
+
+def test_mapped_weights_leave_resident_memory(tmp_path):
+    """OpenVINO keeps its weights file mapped beside the kernels' copies; dropping those pages from the
+    process changes no result, and writable mappings are never touched."""
+    import mmap
+
+    model = _small_model("unet")
+    window = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
+    network = prepare_openvino(model, [0, 2], (32, 32, 32), threads=1)
+    before = network(window).numpy()
+    entry = network.path.parent
+    assert drop_mapped_pages(entry) > 0  # the weights (and OpenVINO's compiled cache file) are mapped
+    resident = _resident_kb(entry)
+    assert resident is None or resident == 0  # None: no smaps here
+    assert np.array_equal(network(window).numpy(), before)  # read again from the file where needed
+    network.release()
+    assert drop_mapped_pages(entry) == 0  # released: nothing of the entry is mapped any more
+
+    scratch = tmp_path / "scratch.bin"
+    scratch.write_bytes(b"\0" * mmap.PAGESIZE)
+    with open(scratch, "r+b") as f, mmap.mmap(f.fileno(), 0) as writable:
+        writable[:5] = b"keep!"
+        assert drop_mapped_pages(tmp_path) == 0
+        assert writable[:5] == b"keep!"
+
+
+def _resident_kb(folder) -> int | None:
+    """Resident kB of this process's mappings of files under ``folder`` (None without /proc/self/smaps)."""
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return None
+    total, inside = 0, False
+    prefix = str(folder.resolve()) + "/"
+    for line in lines:
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and ":" not in fields[0]:  # a mapping's header
+            inside = len(fields) >= 6 and fields[5].startswith(prefix)
+        elif inside and fields and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
 
 
 def test_cache_reuses_entries_and_rebuilds_damaged_ones(cache_home):

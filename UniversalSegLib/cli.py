@@ -270,6 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "models" and args.action != "list" and not args.target:
         parser.error(f"models {args.action} needs a model name or file")
     from .io.atomic import sigterm_as_interrupt
+    from .memory import tune_allocator
+
+    tune_allocator()  # this process is ours: big temporaries go back to the system when freed
 
     try:
         with sigterm_as_interrupt():  # batch systems (SLURM, Kubernetes) stop jobs with SIGTERM: same as Ctrl-C

@@ -31,8 +31,8 @@ from .io.masks import LazyMasks, memory_order, same_order_views
 from .io.volume import Volume
 from .postprocess import MissingInputError, postprocess_masks, required_classes
 from .preprocess import PreprocessedVolume, preprocess
-from .runtime import (OpenVINOWindowNetwork, model_digest, prepare_openvino, requested_runtime, resolve_runtime,
-                      trim_heap)
+from .memory import trim_heap
+from .runtime import OpenVINOWindowNetwork, model_digest, prepare_openvino, requested_runtime, resolve_runtime
 from .settings import CONVERT_STAGE, MODES, STAGES, InferenceMode
 from .taxonomy import ClassInfo
 
@@ -339,7 +339,7 @@ class Segmenter:
                 windows = count_windows(prep.shape, params.roi_size, overlap)
         finally:
             if openvino_network is not None:
-                # Free the compiled network (weights and a window's intermediates, 1.3 GB for the full Swin
+                # Free the compiled network (weights and a window's intermediates, 1.05 GB for the full Swin
                 # UNETR) before the masks are unpacked and post-processed, and also when the run was cancelled
                 # or failed (a worker keeps its segmenter between runs); the next run compiles it again from
                 # the cache in about a second.

@@ -34,16 +34,17 @@ from torch import nn
 from . import __version__
 from .errors import InferenceError, RuntimeUnavailableError, UsageError
 from .helpers import sha256_file
+from .memory import drop_mapped_pages, trim_heap
 from .settings import RUNTIMES
 
 __all__ = ["RUNTIMES", "RUNTIME_ENV", "requested_runtime", "resolve_runtime", "openvino_version",
-           "OpenVINOWindowNetwork", "prepare_openvino", "trim_heap", "openvino_cache_dir", "model_digest",
-           "prune_cache", "MAX_CACHE_ENTRIES"]
+           "OpenVINOWindowNetwork", "prepare_openvino", "openvino_cache_dir", "model_digest", "prune_cache",
+           "MAX_CACHE_ENTRIES"]
 
 log = logging.getLogger(__name__)
 
 #: Bump when the traced forward changes in a way the other key parts do not capture.
-_CONVERSION_FORMAT = 2
+_CONVERSION_FORMAT = 3
 _MANIFEST = "manifest.json"
 _FILES = ("model.xml", "model.bin")
 #: Cache entries kept (the most recently used): one full-size Swin UNETR entry takes about 0.6 GB of disk
@@ -130,10 +131,11 @@ class OpenVINOWindowNetwork:
     ``(B, 1, *roi) -> (B, K, *roi)``.
 
     ``converted`` says whether preparing it converted the model (first use) or read the cache; ``seconds`` is
-    the time the preparation took. The compiled network holds about 1.3 GB for the full Swin UNETR (the
-    weights, mapped from the cache file, with their kernels' repacked copies; the intermediates of a window),
-    which :meth:`release` frees between runs; the next window compiles it again from ``path`` (and OpenVINO's
-    compiled-network cache in ``cache_dir``), in about a second.
+    the time the preparation took. For the full Swin UNETR the compiled network holds about 0.4 GB of weights
+    in its kernels' layouts (the mapped cache file's pages are dropped once compiled: :func:`.memory.
+    drop_mapped_pages`) and, from the first window on, 0.65 GB of buffers for a window's intermediates and
+    logits; :meth:`release` frees both between runs, and the next window compiles the network again from
+    ``path`` (and OpenVINO's compiled-network cache in ``cache_dir``) in about a second.
     """
 
     def __init__(self, path: str | os.PathLike, threads: int, key: str = "", converted: bool = False,
@@ -156,6 +158,7 @@ class OpenVINOWindowNetwork:
             except Exception as error:  # e.g. the entry was removed by another process since this run checked it
                 raise InferenceError(f"The converted OpenVINO network in {self.path.parent} could not be loaded "
                                      f"({error}); run again (it is converted anew if it is gone).") from error
+            drop_mapped_pages(self.path.parent)  # the weights now live in the kernels' own copies
         return self._compiled
 
     def available(self) -> bool:
@@ -182,23 +185,6 @@ class OpenVINOWindowNetwork:
             array = window[None].contiguous().numpy()
             outputs.append(torch.from_numpy(self._request.infer([array], share_outputs=share)[0]))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-
-
-def trim_heap(collect: bool = True) -> None:
-    """Give freed heap memory back to the system (glibc's ``malloc_trim``; nothing elsewhere).
-
-    Freed large blocks (a released PyTorch model, a window's tensors) otherwise stay in the process's
-    resident memory, where they count against the peak of every later stage. ``collect`` first runs the
-    garbage collector (0.1-0.2 s), needed where reference cycles may hold the memory (a PyTorch model)."""
-    import ctypes
-    import gc
-
-    if collect:
-        gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): the allocator keeps its own policy
-        pass
 
 
 def _cache_key(model: nn.Module, digest: str, channels: Sequence[int], roi_size: Sequence[int]) -> str:

@@ -63,8 +63,10 @@ def run_one(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(REPO))
     from UniversalSegLib.api import plan_outputs, write_result
     from UniversalSegLib.io import read_volume
+    from UniversalSegLib.memory import tune_allocator
     from UniversalSegLib.pipeline import Segmenter
 
+    tune_allocator()  # as the universalseg command and the workers do
     stages: dict[str, dict] = {}
     current = {"name": None, "t": 0.0}
 

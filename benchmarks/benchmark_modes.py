@@ -80,8 +80,10 @@ def run_mode(mode: str, args, model_path: str, keep_masks: bool = True) -> tuple
 
     from UniversalSegLib.api import plan_outputs, write_result
     from UniversalSegLib.io import read_volume
+    from UniversalSegLib.memory import tune_allocator
     from UniversalSegLib.pipeline import Segmenter
 
+    tune_allocator()  # as the universalseg command and the workers do
     clock = StageClock(cuda=args.device.startswith("cuda"))
     t_all = time.perf_counter()
     clock.begin("read")

@@ -17,6 +17,11 @@ PyTorch's fused ``scaled_dot_product_attention``, a bounded number of windows at
 softmax path materialises ``windows x heads x 343 x 343`` scores several times over (about 0.5 GB each
 at the first stage of a 96^3 window); the chunked one never holds more than ``_ATTENTION_CHUNK_BYTES``
 of bias and runs faster on CPU. Training (autograd on) keeps MONAI's own path.
+
+Without autograd the backbone runs in one of two memory-lean forms with the same arithmetic: in PyTorch,
+in-place normalisation that frees every feature map after its last use (:mod:`.low_memory`); for a graph
+exporter (OpenVINO), a graph arranged so that the runtime's own buffer plan stays small
+(``SwinUNETRBackbone._forward_blocks(x, export=True)``).
 """
 from __future__ import annotations
 
@@ -92,7 +97,10 @@ class ChunkedWindowAttention(WindowAttention):
 
     def _attend_all(self, x: torch.Tensor, mask: torch.Tensor | None, position_bias: torch.Tensor) -> torch.Tensor:
         """The same attention as one fused call over all windows, for graph exporters (OpenVINO traces the
-        model): no chunk loop writing into slices of an output, which traced graphs cannot express.
+        model): no chunk loop writing into slices of an output, which traced graphs cannot express. Every
+        tensor stays 4-D (windows, heads, tokens, size): OpenVINO's CPU plugin runs 4-D attention as its fused
+        kernel, which never holds the (windows x heads x n x n) scores, but decomposes other ranks into
+        matmul + softmax with the whole score tensor (0.46 GB at the first stage of a 96^3 window).
 
         The shift mask (-100 between tokens of different regions of a shifted window) does not enter as an
         additive (windows x heads x n x n) mask: an exporter folds that into a constant of that size (0.5 GB
@@ -109,14 +117,15 @@ class ChunkedWindowAttention(WindowAttention):
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=position_bias[None].to(q.dtype),
                                                       scale=self.scale)
         else:
-            # Windows are laid out sample-major: (samples, windows per sample, heads, n, head size).
-            shape = (windows // mask.shape[0], mask.shape[0], heads, n, dim)
+            # Windows are laid out sample-major, so window i uses region layout i % (windows per sample).
+            per_sample = mask.shape[0]
             region = _region_one_hot(mask).to(q) * (_REGION_OFFSET / self.scale) ** 0.5
-            region = region[None, :, None].expand(*shape[:4], region.shape[-1])
-            q = torch.cat([q.reshape(shape), region], dim=-1)
-            k = torch.cat([k.reshape(shape), region], dim=-1)
-            bias = position_bias[None, None].to(q.dtype)
-            attended = F.scaled_dot_product_attention(q, k, v.reshape(shape), attn_mask=bias, scale=self.scale)
+            region = region[None, :, None].expand(windows // per_sample, per_sample, heads, n, region.shape[-1])
+            region = region.reshape(windows, heads, n, region.shape[-1])
+            q = torch.cat([q, region], dim=-1)
+            k = torch.cat([k, region], dim=-1)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=position_bias[None].to(q.dtype),
+                                                      scale=self.scale)
         return self.proj(attended.reshape(windows, heads, n, dim).transpose(1, 2).reshape(windows, n, c))
 
 
@@ -198,11 +207,23 @@ class SwinUNETRBackbone(nn.Module):
         return {"feature_size": int(state["backbone.swinViT.patch_embed.proj.weight"].shape[0]), "num_heads": heads}
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not torch.is_grad_enabled() and not torch.jit.is_tracing():  # exporters cannot follow in-place views
-            return self._forward_lean(x)
+        if torch.is_grad_enabled():
+            return self._forward_blocks(x)
+        # Graph exporters cannot follow the lean form's in-place views; they trace a form of their own.
+        return self._forward_blocks(x, export=True) if torch.jit.is_tracing() else self._forward_lean(x)
+
+    def _forward_blocks(self, x: torch.Tensor, export: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """MONAI's blocks as they are (training); with ``export``, the form graph exporters (OpenVINO) trace.
+
+        A graph runtime plans its buffers from the graph alone. In the export form the last decoder stage,
+        where the full-resolution maps meet, never materialises its upsampled input or the concatenation
+        (:func:`_up_block_without_concat`), which lowers the memory OpenVINO allocates for a 96^3 window's
+        intermediates and logits from 0.77 to 0.65 GB. The first encoder block (full resolution too) comes
+        after the transformer, so a runtime that follows the traced order need not hold its 170 MB output
+        through the transformer stages.
+        """
         # normalize=True: every stage output passes through an affine-free LayerNorm (MONAI's proj_out).
         hidden = self.swinViT(x, normalize=True)
-        enc0 = self.encoder1(x)
         enc1 = self.encoder2(hidden[0])
         enc2 = self.encoder3(hidden[1])
         enc3 = self.encoder4(hidden[2])
@@ -211,8 +232,10 @@ class SwinUNETRBackbone(nn.Module):
         d = self.decoder4(d, enc3)
         d = self.decoder3(d, enc2)
         d = self.decoder2(d, enc1)
-        out = self.decoder1(d, enc0)
-        return deepest, out
+        enc0 = self.encoder1(x)
+        if export:
+            return deepest, _up_block_without_concat(self.decoder1, d, enc0)
+        return deepest, self.decoder1(d, enc0)
 
     def _forward_lean(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same computation without autograd, freeing each feature map after its last use
@@ -229,3 +252,48 @@ class SwinUNETRBackbone(nn.Module):
         d = low_memory.up_block(self.decoder3, d, enc2)
         d = low_memory.up_block(self.decoder2, d, enc1)
         return deepest, low_memory.up_block(self.decoder1, d, enc0)
+
+
+def _up_block_without_concat(block: UnetrUpBlock, inp: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """MONAI's ``UnetrUpBlock`` (transposed convolution, concatenation with ``skip``, residual block) without
+    the upsampled map or the concatenation: exact linear algebra, for a graph runtime's memory plan.
+
+    The residual block's two convolutions of ``cat(up, skip)`` are sums of a convolution of ``up`` (their
+    first input channels) and one of ``skip``. ``up`` is a 2x2x2 stride-2 transposed convolution of ``inp``,
+    and a convolution of it is again a stride-2 transposed convolution of ``inp`` (:func:`_compose_up`),
+    so ``up`` (a 48-channel 96^3 map, 170 MB) and the concatenation (340 MB) never exist: the stage holds
+    ``skip`` and the two convolution outputs instead of four full-resolution maps. The result equals the
+    block's up to float rounding; it costs fewer operations too (8 input taps per voxel instead of 27).
+    """
+    res = block.conv_block
+    conv1, conv3 = res.conv1.conv, res.conv3.conv
+    up_channels = conv1.in_channels - skip.shape[1]
+    upsample = block.transp_conv.conv.weight
+    a = F.conv_transpose3d(inp, _compose_up(conv1.weight[:, :up_channels], upsample), stride=2, padding=1)
+    a = a + F.conv3d(skip, conv1.weight[:, up_channels:], padding=conv1.padding)
+    r = F.conv_transpose3d(inp, _compose_up(conv3.weight[:, :up_channels], upsample), stride=2)
+    r = r + F.conv3d(skip, conv3.weight[:, up_channels:])
+    a = res.lrelu(res.norm1(a))
+    return res.lrelu(res.norm2(res.conv2(a)) + res.norm3(r))
+
+
+def _compose_up(kernel: torch.Tensor, upsample: torch.Tensor) -> torch.Tensor:
+    """The transposed-convolution weight equal to ``conv3d(conv_transpose3d(x, upsample, stride=2), kernel,
+    padding=k // 2)`` for a 2x2x2 ``upsample`` (in, mid, 2, 2, 2) and a k^3 ``kernel`` (out, mid, k, k, k),
+    k = 1 or 3: weight (in, out, k + 1, k + 1, k + 1), used with ``stride=2, padding=k // 2``.
+
+    Per axis, upsampled position 2j + p (p = 0, 1) comes from input j, and the convolution reads it at
+    offset o = -(k // 2) .. k // 2 from the output position y = 2j + p - o. A transposed convolution with
+    stride 2 and padding k // 2 writes input j's tap t to y = 2j + t - k // 2, so tap t = p - o + k // 2
+    collects every (p, o) pair with that difference. Computed in numpy (float64, then float32): the weights
+    are constants, so a trace keeps the result as one.
+    """
+    kernel64 = kernel.detach().cpu().double().numpy()
+    upsample64 = upsample.detach().cpu().double().numpy()
+    k = kernel64.shape[-1]
+    weight = np.zeros((upsample64.shape[0], kernel64.shape[0]) + (k + 1,) * 3)
+    for p in np.ndindex(2, 2, 2):
+        for o in np.ndindex(k, k, k):  # kernel index: offset + k // 2, so the tap is p - o + 2 (k // 2)
+            t = tuple(pi - oi + 2 * (k // 2) for pi, oi in zip(p, o))
+            weight[(slice(None), slice(None), *t)] += upsample64[(..., *p)] @ kernel64[(..., *o)].T
+    return torch.from_numpy(weight.astype(np.float32)).to(kernel.device)

@@ -221,6 +221,9 @@ def main(argv=None) -> int:
         print("usage: python -m UniversalSegLib.worker EXCHANGE_FOLDER (started by the Slicer module)",
               file=sys.stderr)
         return 2
+    from ..memory import tune_allocator
+
+    tune_allocator()  # this process is ours: big temporaries go back to the system when freed
     server = WorkerServer(argv[0])
     reader = threading.Thread(target=server.read_requests, args=(sys.stdin,), daemon=True)
     reader.start()
