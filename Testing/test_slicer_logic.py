@@ -36,6 +36,7 @@ from UniversalSegLib.mrml import (  # noqa: E402
     volume_node_from_volume,
 )
 from UniversalSegLib.taxonomy import get_taxonomy  # noqa: E402
+from UniversalSegSlicer.estimate import OPENVINO_SECONDS_PER_WINDOW, SECONDS_PER_WINDOW  # noqa: E402
 from UniversalSegSlicer.export import ExportError  # noqa: E402
 from UniversalSegSlicer.jobs import JobCancelled, JobState  # noqa: E402
 from UniversalSegSlicer.logic import STATISTICS_REFERENCE, SegmentationLogic  # noqa: E402
@@ -491,13 +492,21 @@ def test_runtime_choice_reaches_the_segmenter(small_model, headless, logic, tmp_
 
 def test_estimate_scales_with_the_image_and_the_device(headless, logic):
     node = headless.load_volume(require_shared(CT), "ct")
-    cpu = logic.estimate(node, "cpu")
+    cpu = logic.estimate(node, "cpu", runtime="torch")
     gpu = logic.estimate(node, "cuda")
     assert cpu.windows == gpu.windows > 10
     assert cpu.seconds > 20 * gpu.seconds and cpu.ram_gb > 2 and gpu.gpu_gb > 1
     assert "windows" in cpu.text() and "GPU memory" in gpu.text()
-    fast = logic.estimate(node, "cpu", mode="fast")
+    fast = logic.estimate(node, "cpu", mode="fast", runtime="torch")
     assert fast.windows < cpu.windows and fast.seconds < cpu.seconds
+    # The runtime the run will use, by the library's rule: "auto" is OpenVINO on a CPU here (installed),
+    # except in the reference mode; an impossible choice (OpenVINO on a GPU) estimates the PyTorch run.
+    auto = logic.estimate(node, "cpu", runtime="auto")  # explicit: the tests' environment chooses torch
+    assert auto.windows == cpu.windows
+    assert auto.seconds / cpu.seconds == pytest.approx(OPENVINO_SECONDS_PER_WINDOW["swinunetr"]
+                                                       / SECONDS_PER_WINDOW[("swinunetr", "cpu")])
+    assert logic.estimate(node, "cpu", mode="reference", runtime="auto").seconds == pytest.approx(cpu.seconds)
+    assert logic.estimate(node, "cuda", runtime="openvino").seconds == pytest.approx(gpu.seconds)
 
 
 def test_fast_mode_runs_from_the_module_logic(small_model, headless, logic):

@@ -388,6 +388,10 @@ def test_estimate_window_count_matches_the_library():
     resampled = [round((n - 1) * s / 1.5 + 1) for n, s in zip(shape, spacing)]
     assert cpu.windows == count_windows(resampled, (96, 96, 96), 0.5)
     assert cpu.seconds == pytest.approx(cpu.windows * 10.3, rel=1e-6)  # measured 2-thread CPU time per window
+    openvino = estimate_run(shape, spacing, "swinunetr", "cpu", classes=32, threads=2, runtime="openvino")
+    assert openvino.seconds == pytest.approx(cpu.windows * 2.1, rel=1e-6)  # OpenVINO's, same windows
+    unet = estimate_run(shape, spacing, "unet", "cpu", classes=32, threads=2, runtime="openvino")
+    assert unet.seconds == pytest.approx(cpu.windows * 3.8, rel=1e-6)
     gpu = estimate_run(shape, spacing, "swinunetr", "cuda", classes=32)
     assert gpu.seconds < cpu.seconds / 20 and gpu.gpu_gb > 0 and cpu.gpu_gb == 0
     small = estimate_run(shape, spacing, "swinunetr", "cpu", classes=2, threads=2)

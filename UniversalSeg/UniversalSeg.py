@@ -392,7 +392,8 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.licenseLabel.text = self.logic.model_license(self.model()) if self.model() else ""
         if volume is not None:
             estimate = self.logic.estimate(volume, self.ui.deviceComboBox.currentData, max(1, len(classes)),
-                                           self.model(), mode=self.ui.modeComboBox.currentData)
+                                           self.model(), mode=self.ui.modeComboBox.currentData,
+                                           runtime=self.ui.runtimeComboBox.currentData)
             self.ui.estimateLabel.text = estimate.text()
         if self.parameterNode is not None:  # a choice not made yet follows the device
             wasBlocked = self.ui.progressiveCheckBox.blockSignals(True)

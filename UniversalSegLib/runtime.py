@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import InferenceError, RuntimeUnavailableError, UsageError
+from .errors import InferenceError, RuntimeUnavailableError
 from .helpers import sha256_file
 from .memory import drop_mapped_pages, trim_heap
-from .settings import RUNTIMES
+from .settings import OPENVINO_INSTALL_HINT, RUNTIME_ENV, RUNTIMES, choose_runtime, requested_runtime
 
 __all__ = ["RUNTIMES", "RUNTIME_ENV", "requested_runtime", "resolve_runtime", "openvino_version",
            "OpenVINOWindowNetwork", "prepare_openvino", "openvino_cache_dir", "model_digest", "prune_cache",
@@ -50,9 +50,6 @@ _FILES = ("model.xml", "model.bin")
 #: Cache entries kept (the most recently used): one full-size Swin UNETR entry takes about 0.6 GB of disk
 #: (the 0.28 GB network plus OpenVINO's compiled form of it).
 MAX_CACHE_ENTRIES = 3
-#: Environment variable with the runtime used when none is given (``torch`` keeps PyTorch everywhere).
-RUNTIME_ENV = "UNIVERSALSEG_RUNTIME"
-_INSTALL_HINT = "install it with: pip install 'universalseg[openvino]'"
 
 
 def openvino_version() -> str | None:
@@ -64,36 +61,10 @@ def openvino_version() -> str | None:
     return openvino.__version__
 
 
-def requested_runtime(name: str | None) -> str:
-    """The runtime choice ``name`` normalised, one of :data:`RUNTIMES` (None: ``$UNIVERSALSEG_RUNTIME`` or
-    ``"auto"``)."""
-    name = (name or os.environ.get(RUNTIME_ENV) or "auto").strip().lower()
-    if name not in RUNTIMES:
-        raise UsageError(f"Unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}.")
-    return name
-
-
 def resolve_runtime(name: str | None, device: torch.device, mode: str = "default") -> str:
-    """``"torch"`` or ``"openvino"`` for the runtime choice ``name`` (one of :data:`RUNTIMES`; None: the
-    environment variable ``UNIVERSALSEG_RUNTIME``, else ``"auto"``).
-
-    ``"auto"`` takes OpenVINO on a CPU when it is installed, except in the reference mode (which reproduces
-    the official PyTorch pipeline); PyTorch otherwise. ``"openvino"`` is an error on a GPU or without
-    OpenVINO installed.
-    """
-    name = requested_runtime(name)
-    if name == "torch":
-        return name
-    if name == "auto":
-        usable = device.type == "cpu" and mode != "reference" and openvino_version() is not None
-        return "openvino" if usable else "torch"
-    if device.type != "cpu":
-        raise RuntimeUnavailableError(f"OpenVINO runs on the CPU, but the device is {device}; choose the torch "
-                                      "runtime for a GPU, or the CPU device.")
-    if openvino_version() is None:
-        raise RuntimeUnavailableError(f"The OpenVINO runtime was requested but OpenVINO is not installed; "
-                                      f"{_INSTALL_HINT}, or choose the torch runtime.")
-    return name
+    """``"torch"`` or ``"openvino"`` for the runtime choice ``name`` on ``device`` in ``mode``: the rule of
+    :func:`~UniversalSegLib.settings.choose_runtime`, with whether OpenVINO imports here."""
+    return choose_runtime(name, device.type, mode, openvino_version() is not None)
 
 
 def openvino_cache_dir() -> Path:
@@ -277,7 +248,7 @@ def prepare_openvino(model: nn.Module, channels: Sequence[int], roi_size: Sequen
     :func:`model_digest` of ``model`` when the caller has it already.
     """
     if openvino_version() is None:
-        raise RuntimeUnavailableError(f"OpenVINO is not installed; {_INSTALL_HINT}.")
+        raise RuntimeUnavailableError(f"OpenVINO is not installed; {OPENVINO_INSTALL_HINT}.")
     t0 = time.perf_counter()
     root = Path(cache_dir) if cache_dir is not None else openvino_cache_dir()
     key = _cache_key(model, digest or model_digest(model), channels, roi_size)

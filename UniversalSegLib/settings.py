@@ -13,18 +13,20 @@ standard library; the pipeline turns the dtype names of a mode into torch/numpy 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
 from .backbones import get_backbone
-from .errors import InferenceError
+from .errors import InferenceError, RuntimeUnavailableError, UsageError
 
 __all__ = [
     "ModelConfig", "PreprocessingParameters", "InferenceParameters",
     "PLACEMENTS", "window_starts", "window_layout", "count_windows",
     "InferenceMode", "MODES", "STAGES", "STAGE_LABELS", "PRECISIONS", "RUNTIMES", "CONVERT_STAGE", "CONVERT_STAGE_LABEL",
+    "RUNTIME_ENV", "OPENVINO_INSTALL_HINT", "requested_runtime", "choose_runtime",
 ]
 
 
@@ -296,6 +298,41 @@ RUNTIMES: dict[str, str] = {
     "torch": "PyTorch",
     "openvino": "OpenVINO (CPU only)",
 }
+#: Environment variable with the runtime used when none is given (``torch`` keeps PyTorch everywhere).
+RUNTIME_ENV = "UNIVERSALSEG_RUNTIME"
+OPENVINO_INSTALL_HINT = "install it with: pip install 'universalseg[openvino]'"
+
+
+def requested_runtime(name: str | None) -> str:
+    """The runtime choice ``name`` normalised, one of :data:`RUNTIMES` (None: ``$UNIVERSALSEG_RUNTIME`` or
+    ``"auto"``)."""
+    name = (name or os.environ.get(RUNTIME_ENV) or "auto").strip().lower()
+    if name not in RUNTIMES:
+        raise UsageError(f"Unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}.")
+    return name
+
+
+def choose_runtime(name: str | None, device_type: str, mode: str, openvino_installed: bool) -> str:
+    """``"torch"`` or ``"openvino"``: the runtime a run with the choice ``name`` (see :func:`requested_runtime`)
+    uses on a ``device_type`` ("cpu", "cuda", ...) in ``mode``. Without PyTorch, so that estimates made in
+    Slicer's own process follow the same rule as the runs.
+
+    ``"auto"`` takes OpenVINO on a CPU when it is installed, except in the reference mode (which reproduces
+    the official PyTorch pipeline); PyTorch otherwise. ``"openvino"`` is an error on a GPU or without
+    OpenVINO installed.
+    """
+    name = requested_runtime(name)
+    if name == "torch":
+        return name
+    if name == "auto":
+        return "openvino" if device_type == "cpu" and mode != "reference" and openvino_installed else "torch"
+    if device_type != "cpu":
+        raise RuntimeUnavailableError(f"OpenVINO runs on the CPU, but the device is {device_type}; choose the "
+                                      "torch runtime for a GPU, or the CPU device.")
+    if not openvino_installed:
+        raise RuntimeUnavailableError(f"The OpenVINO runtime was requested but OpenVINO is not installed; "
+                                      f"{OPENVINO_INSTALL_HINT}, or choose the torch runtime.")
+    return name
 
 #: Arithmetic of the network's forward: float32 (exact), or bfloat16/float16 autocast on a GPU.
 PRECISIONS = ("float32", "bfloat16", "float16")

@@ -15,17 +15,22 @@ from typing import Sequence
 
 from UniversalSegLib.settings import count_windows
 
-__all__ = ["RunEstimate", "estimate_run", "SECONDS_PER_WINDOW"]
+__all__ = ["RunEstimate", "estimate_run", "SECONDS_PER_WINDOW", "OPENVINO_SECONDS_PER_WINDOW"]
 
-#: (backbone, device type) -> seconds per 96^3 window at batch 1, float32 (CPU: with 2 threads).
+#: (backbone, device type) -> seconds per 96^3 window at batch 1, float32, PyTorch (CPU: with 2 threads).
 SECONDS_PER_WINDOW = {
     ("swinunetr", "cpu"): 10.3,
     ("unet", "cpu"): 17.0,
     ("swinunetr", "cuda"): 0.25,
     ("unet", "cuda"): 0.15,
 }
-#: Peak memory of the process around one official-size forward (GB): on the CPU, measured: Python with
-#: PyTorch and MONAI (0.8), the weights (0.25) and one 96^3 window's intermediates (0.65); GPU typical.
+#: backbone -> seconds per 96^3 window on the CPU with OpenVINO, 2 threads, 32 classes (measured
+#: 2026-12-01 on the development VM: 2.1 s in the example CT's end-to-end run, 3.8 s for the U-Net).
+OPENVINO_SECONDS_PER_WINDOW = {"swinunetr": 2.1, "unet": 3.8}
+#: Peak memory of the process around one official-size forward (GB): on the CPU, measured with either
+#: runtime: Python with PyTorch and MONAI (0.7), plus the weights (PyTorch: 0.25; OpenVINO: 0.42 in its
+#: kernels' layouts) and one 96^3 window's intermediates (PyTorch 0.65; OpenVINO 0.54 and the logits); GPU
+#: typical.
 FORWARD_MEMORY_GB = {"cpu": 1.7, "cuda": 3.5}
 _REFERENCE_WINDOW = 96 ** 3
 
@@ -50,17 +55,23 @@ class RunEstimate:
 
 def estimate_run(shape: Sequence[int], spacing: Sequence[float], backbone: str = "swinunetr", device: str = "cpu",
                  classes: int = 32, threads: int = 2, target_spacing: Sequence[float] = (1.5, 1.5, 1.5),
-                 roi: Sequence[int] = (96, 96, 96), overlap: float = 0.5, streaming: bool = True) -> RunEstimate:
+                 roi: Sequence[int] = (96, 96, 96), overlap: float = 0.5, streaming: bool = True,
+                 runtime: str = "torch") -> RunEstimate:
     """Estimate for a volume of ``shape`` voxels of ``spacing`` mm on ``device`` ("cpu" or "cuda").
 
     ``streaming``: the default and fast modes blend windows into masks one slab at a time (float16); the
-    reference mode holds float32 logits of every class over the whole image.
+    reference mode holds float32 logits of every class over the whole image. ``runtime``: the runtime the
+    run will use, ``"torch"`` or ``"openvino"`` (:func:`UniversalSegLib.settings.choose_runtime`).
     """
     device = "cuda" if device.startswith("cuda") or device == "gpu" else "cpu"
     resampled = [max(1, round((n - 1) * s / t + 1)) for n, s, t in zip(shape, spacing, target_spacing)]
     windows = count_windows(resampled, tuple(int(r) for r in roi), overlap)
     window_scale = math.prod(roi) / _REFERENCE_WINDOW
-    per_window = SECONDS_PER_WINDOW.get((backbone, device), SECONDS_PER_WINDOW[("swinunetr", device)]) * window_scale
+    if runtime == "openvino" and device == "cpu":
+        per_window = OPENVINO_SECONDS_PER_WINDOW.get(backbone, OPENVINO_SECONDS_PER_WINDOW["swinunetr"])
+    else:
+        per_window = SECONDS_PER_WINDOW.get((backbone, device), SECONDS_PER_WINDOW[("swinunetr", device)])
+    per_window *= window_scale
     if device == "cpu":
         per_window *= (2.0 / max(1, min(int(threads), 16))) ** 0.85  # measured with 2 threads; sub-linear scaling
     resampled_voxels = math.prod(resampled)

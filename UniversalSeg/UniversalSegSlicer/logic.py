@@ -651,12 +651,16 @@ class SegmentationLogic:
 
     # ------------------------------------------------------------------------------------------- estimate
     def estimate(self, volume_node, device: str = "auto", classes: int = 32, model: str | os.PathLike | None = None,
-                 mode: str = "default") -> RunEstimate:
-        """Rough time and memory of a run of ``model`` (default: the official Swin UNETR) in ``mode`` on
-        this volume, from the model's metadata (backbone, grid spacing, window size and overlap)."""
+                 mode: str = "default", runtime: str | None = None) -> RunEstimate:
+        """Rough time and memory of a run of ``model`` (default: the official Swin UNETR) in ``mode`` with the
+        runtime choice ``runtime`` on this volume, from the model's metadata (backbone, grid spacing, window
+        size and overlap)."""
+        import importlib.util
+
         import vtk
 
-        from UniversalSegLib.settings import MODES, InferenceParameters, PreprocessingParameters
+        from UniversalSegLib.errors import UniversalSegError
+        from UniversalSegLib.settings import MODES, InferenceParameters, PreprocessingParameters, choose_runtime
 
         image = volume_node.GetImageData()
         matrix = vtk.vtkMatrix4x4()
@@ -671,9 +675,14 @@ class SegmentationLogic:
         windows = metadata.inference if metadata is not None else InferenceParameters()
         grid = metadata.preprocessing if metadata is not None else PreprocessingParameters()
         run_mode = MODES[mode]
+        try:  # the worker runs with this process's Python, so OpenVINO is installed there if it is here
+            used = choose_runtime(runtime, device, mode, importlib.util.find_spec("openvino") is not None)
+        except UniversalSegError:  # a choice the run will refuse with its own message
+            used = "torch"
         return estimate_run(image.GetDimensions(), spacing, backbone, device, classes, threads,
                             target_spacing=grid.spacing, roi=windows.roi_size,
-                            overlap=run_mode.effective_overlap(windows.overlap), streaming=run_mode.streaming)
+                            overlap=run_mode.effective_overlap(windows.overlap), streaming=run_mode.streaming,
+                            runtime=used)
 
     def release_model(self) -> None:
         """Stop the worker process: the model's memory (GPU memory too) is given back now. The next run
