@@ -99,9 +99,9 @@ def test_composed_upsampling_equals_upsample_then_convolve(k):
                                           padding=k // 2)
     composed = swin_unetr._compose_up(kernel, upsample)
     assert composed.shape == (5, 3, k + 1, k + 1, k + 1)
-    got = torch.nn.functional.conv_transpose3d(x.float(), composed, stride=2, padding=k // 2)
+    got = torch.nn.functional.conv_transpose3d(x, composed, stride=2, padding=k // 2)
     assert got.shape == expected.shape == (2, 3, 6, 8, 10)
-    assert (got.double() - expected).abs().max() < 1e-4
+    assert (got - expected).abs().max() < 1e-10  # float64 throughout: equal up to rounding
 
 
 def test_export_form_equals_the_backbone():
@@ -117,29 +117,57 @@ def test_export_form_equals_the_backbone():
         assert (got - expected).abs().max() < 1e-4
 
 
+def test_attention_export_form_equals_monai():
+    """The traced attention (one fused 4-D call; the shift mask as a region term on queries and keys) against
+    MONAI's window attention, for two samples of shifted windows (windows laid out sample by sample)."""
+    from monai.networks.nets.swin_unetr import WindowAttention, compute_mask
+
+    torch.manual_seed(5)
+    attention = swin_unetr.ChunkedWindowAttention(24, 3, (7, 7, 7), qkv_bias=True).eval()
+    torch.nn.init.normal_(attention.relative_position_bias_table, std=0.5)
+    mask = compute_mask([14, 14, 14], (7, 7, 7), (3, 3, 3), torch.device("cpu"))  # 8 windows, 3 shift regions
+    x = torch.randn(2 * mask.shape[0], 343, 24)
+    with torch.no_grad():
+        for m in (mask, None):
+            expected = WindowAttention.forward(attention, x, m)
+            got = attention._attend_all(x, m, attention.position_bias(343))
+            assert (got - expected).abs().max() < 1e-5
+
+
 def test_mapped_weights_leave_resident_memory(tmp_path):
-    """OpenVINO keeps its weights file mapped beside the kernels' copies; dropping those pages from the
-    process changes no result, and writable mappings are never touched."""
+    """OpenVINO keeps its weights file mapped beside the kernels' copies: a compiled network's mapped pages
+    leave the process at once, dropping them again after a window changes no result, and private or
+    writable mappings are never touched."""
+    import ctypes
     import mmap
 
     model = _small_model("unet")
     window = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
-    network = prepare_openvino(model, [0, 2], (32, 32, 32), threads=1)
-    before = network(window).numpy()
+    network = prepare_openvino(model, [0, 2], (32, 32, 32), threads=1)  # converted and compiled
     entry = network.path.parent
+    assert _resident_kb(entry) in (0, None)  # None: no smaps here
+    before = network(window).numpy()
     assert drop_mapped_pages(entry) > 0  # the weights (and OpenVINO's compiled cache file) are mapped
-    resident = _resident_kb(entry)
-    assert resident is None or resident == 0  # None: no smaps here
+    assert _resident_kb(entry) in (0, None)
     assert np.array_equal(network(window).numpy(), before)  # read again from the file where needed
     network.release()
     assert drop_mapped_pages(entry) == 0  # released: nothing of the entry is mapped any more
 
     scratch = tmp_path / "scratch.bin"
     scratch.write_bytes(b"\0" * mmap.PAGESIZE)
-    with open(scratch, "r+b") as f, mmap.mmap(f.fileno(), 0) as writable:
-        writable[:5] = b"keep!"
-        assert drop_mapped_pages(tmp_path) == 0
-        assert writable[:5] == b"keep!"
+    with open(scratch, "r+b") as f, mmap.mmap(f.fileno(), 0) as shared:
+        shared[:5] = b"keep!"
+        assert drop_mapped_pages(tmp_path) == 0  # writable
+        assert shared[:5] == b"keep!"
+    with open(scratch, "r+b") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as private:
+        private[:5] = b"mine!"  # this process's own copy of the page, not in the file
+        address = ctypes.addressof(ctypes.c_char.from_buffer(private))
+        libc = ctypes.CDLL(None)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        assert libc.mprotect(address, mmap.PAGESIZE, mmap.PROT_READ) == 0  # now read-only, changes kept
+        assert drop_mapped_pages(tmp_path) == 0  # private: dropping would lose them
+        assert ctypes.string_at(address, 5) == b"mine!"
+        assert libc.mprotect(address, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE) == 0
 
 
 def _resident_kb(folder) -> int | None:

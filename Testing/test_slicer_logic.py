@@ -501,7 +501,8 @@ def test_estimate_scales_with_the_image_and_the_device(headless, logic):
     assert fast.windows < cpu.windows and fast.seconds < cpu.seconds
     # The runtime the run will use, by the library's rule: "auto" is OpenVINO on a CPU here (installed),
     # except in the reference mode; an impossible choice (OpenVINO on a GPU) estimates the PyTorch run.
-    auto = logic.estimate(node, "cpu", runtime="auto")  # explicit: the tests' environment chooses torch
+    # conftest sets UNIVERSALSEG_RUNTIME=torch for the whole suite, so "auto" is passed explicitly here.
+    auto = logic.estimate(node, "cpu", runtime="auto")
     assert auto.windows == cpu.windows
     assert auto.seconds / cpu.seconds == pytest.approx(OPENVINO_SECONDS_PER_WINDOW["swinunetr"]
                                                        / SECONDS_PER_WINDOW[("swinunetr", "cpu")])

@@ -270,9 +270,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "models" and args.action != "list" and not args.target:
         parser.error(f"models {args.action} needs a model name or file")
     from .io.atomic import sigterm_as_interrupt
-    from .memory import tune_allocator
-
-    tune_allocator()  # this process is ours: big temporaries go back to the system when freed
 
     try:
         with sigterm_as_interrupt():  # batch systems (SLURM, Kubernetes) stop jobs with SIGTERM: same as Ctrl-C
@@ -292,5 +289,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
 
 
+def console_main() -> int:
+    """The ``universalseg`` command: :func:`main` in a process of its own, so the allocator is set up for
+    big temporaries first (:func:`~UniversalSegLib.memory.tune_allocator`; :func:`main` itself, callable
+    from a user's Python session, leaves the process's allocator alone)."""
+    from .memory import tune_allocator
+
+    tune_allocator()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -1,7 +1,8 @@
 """Where a window's forward runs: PyTorch, or OpenVINO on the CPU.
 
-OpenVINO runs the same network about twice as fast as PyTorch on a CPU (``benchmarks/benchmark_runtimes.py``)
-with the same float32 arithmetic up to summation order. Only the forward of a window moves: the sliding
+OpenVINO runs the same network about three times as fast as PyTorch on a CPU (2.0 against 6.4 s per 96^3
+window of the full Swin UNETR on a 2-core VM, 2026-12-01: ``benchmarks/benchmark_runtimes.py``) with the same
+float32 arithmetic up to summation order. Only the forward of a window moves: the sliding
 window, the blending and the post-processing stay PyTorch/numpy code.
 
 The OpenVINO network is converted from the loaded PyTorch model (``openvino.convert_model`` on a trace of
@@ -64,7 +65,7 @@ def openvino_version() -> str | None:
 def resolve_runtime(name: str | None, device: torch.device, mode: str = "default") -> str:
     """``"torch"`` or ``"openvino"`` for the runtime choice ``name`` on ``device`` in ``mode``: the rule of
     :func:`~UniversalSegLib.settings.choose_runtime`, with whether OpenVINO imports here."""
-    return choose_runtime(name, device.type, mode, openvino_version() is not None)
+    return choose_runtime(name, device.type, mode, lambda: openvino_version() is not None)
 
 
 def openvino_cache_dir() -> Path:
@@ -104,7 +105,7 @@ class OpenVINOWindowNetwork:
     ``converted`` says whether preparing it converted the model (first use) or read the cache; ``seconds`` is
     the time the preparation took. For the full Swin UNETR the compiled network holds about 0.4 GB of weights
     in its kernels' layouts (the mapped cache file's pages are dropped once compiled: :func:`.memory.
-    drop_mapped_pages`) and, from the first window on, 0.65 GB of buffers for a window's intermediates and
+    drop_mapped_pages`; about 35 MB of them are read in place and come back at the first window) and, from the first window on, 0.65 GB of buffers for a window's intermediates and
     logits; :meth:`release` frees both between runs, and the next window compiles the network again from
     ``path`` (and OpenVINO's compiled-network cache in ``cache_dir``) in about a second.
     """
@@ -129,7 +130,8 @@ class OpenVINOWindowNetwork:
             except Exception as error:  # e.g. the entry was removed by another process since this run checked it
                 raise InferenceError(f"The converted OpenVINO network in {self.path.parent} could not be loaded "
                                      f"({error}); run again (it is converted anew if it is gone).") from error
-            drop_mapped_pages(self.path.parent)  # the weights now live in the kernels' own copies
+            # Most weights now live in the kernels' own copies; the few read in place come back when read.
+            drop_mapped_pages(self.path.parent)
         return self._compiled
 
     def available(self) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -312,10 +312,11 @@ def requested_runtime(name: str | None) -> str:
     return name
 
 
-def choose_runtime(name: str | None, device_type: str, mode: str, openvino_installed: bool) -> str:
+def choose_runtime(name: str | None, device_type: str, mode: str, openvino_installed: Callable[[], bool]) -> str:
     """``"torch"`` or ``"openvino"``: the runtime a run with the choice ``name`` (see :func:`requested_runtime`)
     uses on a ``device_type`` ("cpu", "cuda", ...) in ``mode``. Without PyTorch, so that estimates made in
-    Slicer's own process follow the same rule as the runs.
+    Slicer's own process follow the same rule as the runs. ``openvino_installed`` is asked only when the
+    answer matters (finding out may import OpenVINO).
 
     ``"auto"`` takes OpenVINO on a CPU when it is installed, except in the reference mode (which reproduces
     the official PyTorch pipeline); PyTorch otherwise. ``"openvino"`` is an error on a GPU or without
@@ -325,11 +326,11 @@ def choose_runtime(name: str | None, device_type: str, mode: str, openvino_insta
     if name == "torch":
         return name
     if name == "auto":
-        return "openvino" if device_type == "cpu" and mode != "reference" and openvino_installed else "torch"
+        return "openvino" if device_type == "cpu" and mode != "reference" and openvino_installed() else "torch"
     if device_type != "cpu":
         raise RuntimeUnavailableError(f"OpenVINO runs on the CPU, but the device is {device_type}; choose the "
                                       "torch runtime for a GPU, or the CPU device.")
-    if not openvino_installed:
+    if not openvino_installed():
         raise RuntimeUnavailableError(f"The OpenVINO runtime was requested but OpenVINO is not installed; "
                                       f"{OPENVINO_INSTALL_HINT}, or choose the torch runtime.")
     return name

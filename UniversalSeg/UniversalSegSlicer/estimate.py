@@ -17,9 +17,10 @@ from UniversalSegLib.settings import count_windows
 
 __all__ = ["RunEstimate", "estimate_run", "SECONDS_PER_WINDOW", "OPENVINO_SECONDS_PER_WINDOW"]
 
-#: (backbone, device type) -> seconds per 96^3 window at batch 1, float32, PyTorch (CPU: with 2 threads).
+#: (backbone, device type) -> seconds per 96^3 window at batch 1, float32, PyTorch (CPU: with 2 threads;
+#: the Swin UNETR's 7.5 s from the example CT's end-to-end run on the 2-core development VM, 2026-12-01).
 SECONDS_PER_WINDOW = {
-    ("swinunetr", "cpu"): 10.3,
+    ("swinunetr", "cpu"): 7.5,
     ("unet", "cpu"): 17.0,
     ("swinunetr", "cuda"): 0.25,
     ("unet", "cuda"): 0.15,
@@ -27,11 +28,12 @@ SECONDS_PER_WINDOW = {
 #: backbone -> seconds per 96^3 window on the CPU with OpenVINO, 2 threads, 32 classes (measured
 #: 2026-12-01 on the development VM: 2.1 s in the example CT's end-to-end run, 3.8 s for the U-Net).
 OPENVINO_SECONDS_PER_WINDOW = {"swinunetr": 2.1, "unet": 3.8}
-#: Peak memory of the process around one official-size forward (GB): on the CPU, measured with either
-#: runtime: Python with PyTorch and MONAI (0.7), plus the weights (PyTorch: 0.25; OpenVINO: 0.42 in its
-#: kernels' layouts) and one 96^3 window's intermediates (PyTorch 0.65; OpenVINO 0.54 and the logits); GPU
-#: typical.
-FORWARD_MEMORY_GB = {"cpu": 1.7, "cuda": 3.5}
+#: Peak memory of the process around one official-size forward (GB). CPU, measured (2026-12-01): Python with
+#: PyTorch and MONAI 0.7, the weights (PyTorch 0.25; OpenVINO 0.42 in its kernels' layouts) and one 96^3
+#: window's intermediates and logits (0.65 with either runtime): the larger sum, 1.77, rounded up. GPU: typical.
+FORWARD_MEMORY_GB = {"cpu": 1.8, "cuda": 3.5}
+#: Python with PyTorch and MONAI imported (GB), what the process holds besides its arrays after the windows.
+IMPORT_MEMORY_GB = 0.7
 _REFERENCE_WINDOW = 96 ** 3
 
 
@@ -76,16 +78,18 @@ def estimate_run(shape: Sequence[int], spacing: Sequence[float], backbone: str =
         per_window *= (2.0 / max(1, min(int(threads), 16))) ** 0.85  # measured with 2 threads; sub-linear scaling
     resampled_voxels = math.prod(resampled)
     input_voxels = math.prod(int(n) for n in shape)
+    forward = FORWARD_MEMORY_GB[device] * window_scale
     if streaming:
-        # image (float32) + a window-thick float16 slab per class + raw and cleaned bool masks + input masks
-        # (made class by class beyond 0.5 GB)
+        # During the windows: the image (float32), a window-thick float16 slab per class and the masks
+        # bit-packed. After them the network is freed, and the raw and cleaned bool masks and the masks on the
+        # input grid (made class by class beyond 0.5 GB) take its place.
         slab = 2 * classes * resampled_voxels * min(1.0, roi[0] / max(resampled))
-        arrays = (4 * resampled_voxels + slab + 2 * classes * resampled_voxels
-                  + min(classes * input_voxels, 0.5e9)) / 1e9
+        windows_gb = (4 * resampled_voxels + slab + classes * resampled_voxels / 8) / 1e9
+        after_gb = (2 * classes * resampled_voxels + min(classes * input_voxels, 0.5e9)) / 1e9
+        ram = max(forward + windows_gb, IMPORT_MEMORY_GB + after_gb)
     else:
         # image + weight map (float32) + logits of every class (float32) + masks on the input grid (bool)
-        arrays = (8 * resampled_voxels + 4 * classes * resampled_voxels + classes * input_voxels) / 1e9
-    forward = FORWARD_MEMORY_GB[device] * window_scale
-    if device == "cuda":
-        return RunEstimate(windows, windows * per_window, arrays + 1.0, forward, device)
-    return RunEstimate(windows, windows * per_window, arrays + forward, 0.0, device)
+        ram = forward + (8 * resampled_voxels + 4 * classes * resampled_voxels + classes * input_voxels) / 1e9
+    if device == "cuda":  # the network and the window's intermediates are in GPU memory
+        return RunEstimate(windows, windows * per_window, ram - forward + 1.0, forward, device)
+    return RunEstimate(windows, windows * per_window, ram, 0.0, device)

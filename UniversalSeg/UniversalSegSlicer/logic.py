@@ -675,8 +675,11 @@ class SegmentationLogic:
         windows = metadata.inference if metadata is not None else InferenceParameters()
         grid = metadata.preprocessing if metadata is not None else PreprocessingParameters()
         run_mode = MODES[mode]
-        try:  # the worker runs with this process's Python, so OpenVINO is installed there if it is here
-            used = choose_runtime(runtime, device, mode, importlib.util.find_spec("openvino") is not None)
+        # Whether OpenVINO is installed, asked of this process's Python without importing it: the worker's
+        # unless UNIVERSALSEG_WORKER_PYTHON names another one, and a broken install counts as installed here
+        # (the worker would fall back to PyTorch). Good enough for an estimate.
+        try:
+            used = choose_runtime(runtime, device, mode, lambda: importlib.util.find_spec("openvino") is not None)
         except UniversalSegError:  # a choice the run will refuse with its own message
             used = "torch"
         return estimate_run(image.GetDimensions(), spacing, backbone, device, classes, threads,

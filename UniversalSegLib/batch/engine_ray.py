@@ -18,6 +18,16 @@ from .worker import CaseJob, CaseOutcome, CaseWorker, WorkerSettings
 
 __all__ = ["run_on_ray", "MAX_LOST_WORKERS"]
 
+
+class _ActorCaseWorker(CaseWorker):
+    """A :class:`CaseWorker` in a Ray actor: a process of our own, so it also sets the allocator up."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        from ..memory import tune_allocator
+
+        tune_allocator()
+        super().__init__(settings)
+
 #: A case whose worker was lost this many times is recorded as failed (it may be what kills them).
 MAX_LOST_WORKERS = 3
 
@@ -50,7 +60,7 @@ def run_on_ray(settings: WorkerSettings, jobs: Sequence[CaseJob], on_start: Call
         options, capacity = {"num_cpus": cpus}, max(1, int(resources.get("CPU", 1)) // cpus)
         settings = dataclasses.replace(settings, device="cpu")
     count = max(1, min(workers or capacity, len(jobs)))
-    actor_class = ray.remote(max_restarts=0)(CaseWorker)
+    actor_class = ray.remote(max_restarts=0)(_ActorCaseWorker)
 
     def start_actor():
         return actor_class.options(**options).remote(settings)

@@ -90,11 +90,9 @@ class CaseWorker:
     """The loaded model(s) of one process; :meth:`run` segments one case."""
 
     def __init__(self, settings: WorkerSettings) -> None:
-        from ..memory import tune_allocator
         from ..model_store import resolve_model
         from ..pipeline import Segmenter
 
-        tune_allocator()  # a worker process (a Ray actor, or the batch command's own process)
         self.settings = settings
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 

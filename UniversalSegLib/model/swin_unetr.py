@@ -75,8 +75,7 @@ class ChunkedWindowAttention(WindowAttention):
             return super().forward(x, mask)
         windows, n, c = x.shape
         heads = self.num_heads
-        index = self.relative_position_index[:n, :n].reshape(-1)  # the [:n, :n] quirk, as MONAI
-        position_bias = self.relative_position_bias_table[index].reshape(n, n, heads).permute(2, 0, 1)
+        position_bias = self.position_bias(n)
         if torch.jit.is_tracing():
             return self._attend_all(x, mask, position_bias)
         chunk = max(1, _ATTENTION_CHUNK_BYTES // (heads * n * n * x.element_size()))
@@ -95,12 +94,17 @@ class ChunkedWindowAttention(WindowAttention):
             out[start:stop] = self.proj(attended.transpose(1, 2).reshape(stop - start, n, c))
         return out
 
+    def position_bias(self, n: int) -> torch.Tensor:
+        """The (heads, n, n) relative-position bias of windows of ``n`` tokens."""
+        index = self.relative_position_index[:n, :n].reshape(-1)  # the [:n, :n] quirk, as MONAI
+        return self.relative_position_bias_table[index].reshape(n, n, self.num_heads).permute(2, 0, 1)
+
     def _attend_all(self, x: torch.Tensor, mask: torch.Tensor | None, position_bias: torch.Tensor) -> torch.Tensor:
         """The same attention as one fused call over all windows, for graph exporters (OpenVINO traces the
         model): no chunk loop writing into slices of an output, which traced graphs cannot express. Every
         tensor stays 4-D (windows, heads, tokens, size): OpenVINO's CPU plugin runs 4-D attention as its fused
         kernel, which never holds the (windows x heads x n x n) scores, but decomposes other ranks into
-        matmul + softmax with the whole score tensor (0.46 GB at the first stage of a 96^3 window).
+        matmul + softmax with the whole score tensor (0.48 GB at the first stage of a 96^3 window).
 
         The shift mask (-100 between tokens of different regions of a shifted window) does not enter as an
         additive (windows x heads x n x n) mask: an exporter folds that into a constant of that size (0.5 GB
@@ -264,17 +268,37 @@ def _up_block_without_concat(block: UnetrUpBlock, inp: torch.Tensor, skip: torch
     so ``up`` (a 48-channel 96^3 map, 170 MB) and the concatenation (340 MB) never exist: the stage holds
     ``skip`` and the two convolution outputs instead of four full-resolution maps. The result equals the
     block's up to float rounding; it costs fewer operations too (8 input taps per voxel instead of 27).
+    Blocks built otherwise (biases, strides, no residual convolution) run as the module.
     """
     res = block.conv_block
+    if not _composable(block):
+        return block(inp, skip)
     conv1, conv3 = res.conv1.conv, res.conv3.conv
     up_channels = conv1.in_channels - skip.shape[1]
     upsample = block.transp_conv.conv.weight
-    a = F.conv_transpose3d(inp, _compose_up(conv1.weight[:, :up_channels], upsample), stride=2, padding=1)
+    padding = conv1.kernel_size[0] // 2
+    a = F.conv_transpose3d(inp, _compose_up(conv1.weight[:, :up_channels], upsample), stride=2, padding=padding)
     a = a + F.conv3d(skip, conv1.weight[:, up_channels:], padding=conv1.padding)
     r = F.conv_transpose3d(inp, _compose_up(conv3.weight[:, :up_channels], upsample), stride=2)
     r = r + F.conv3d(skip, conv3.weight[:, up_channels:])
     a = res.lrelu(res.norm1(a))
     return res.lrelu(res.norm2(res.conv2(a)) + res.norm3(r))
+
+
+def _composable(block: UnetrUpBlock) -> bool:
+    """Whether ``block`` is built as :func:`_up_block_without_concat` assumes (as every Swin UNETR decoder
+    stage is): bias-free convolutions, a 2x2x2 stride-2 upsampling, an odd cubic "same" first convolution
+    and a 1x1x1 residual convolution."""
+    res = block.conv_block
+    upsampling, conv1 = block.transp_conv.conv, res.conv1.conv
+    conv3 = getattr(getattr(res, "conv3", None), "conv", None)
+    if conv3 is None or any(c.bias is not None or c.groups != 1 for c in (upsampling, conv1, conv3)):
+        return False
+    k = conv1.kernel_size[0]
+    return (tuple(upsampling.kernel_size) == tuple(upsampling.stride) == (2, 2, 2)
+            and tuple(conv1.kernel_size) == (k,) * 3 and k % 2 == 1 and tuple(conv1.padding) == (k // 2,) * 3
+            and tuple(conv3.kernel_size) == (1, 1, 1)
+            and all(tuple(c.stride) == tuple(c.dilation) == (1, 1, 1) for c in (conv1, conv3)))
 
 
 def _compose_up(kernel: torch.Tensor, upsample: torch.Tensor) -> torch.Tensor:
@@ -296,4 +320,4 @@ def _compose_up(kernel: torch.Tensor, upsample: torch.Tensor) -> torch.Tensor:
         for o in np.ndindex(k, k, k):  # kernel index: offset + k // 2, so the tap is p - o + 2 (k // 2)
             t = tuple(pi - oi + 2 * (k // 2) for pi, oi in zip(p, o))
             weight[(slice(None), slice(None), *t)] += upsample64[(..., *p)] @ kernel64[(..., *o)].T
-    return torch.from_numpy(weight.astype(np.float32)).to(kernel.device)
+    return torch.from_numpy(weight).to(kernel.device, kernel.dtype)
