@@ -66,7 +66,8 @@ def tune_allocator() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(m_mmap_threshold, _MMAP_THRESHOLD) and libc.mallopt(m_trim_threshold, _MMAP_THRESHOLD))
+        return bool(libc.mallopt(m_mmap_threshold, _MMAP_THRESHOLD)
+                    and libc.mallopt(m_trim_threshold, _MMAP_THRESHOLD))
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
         return False
 

@@ -84,12 +84,12 @@ def estimate_run(shape: Sequence[int], spacing: Sequence[float], backbone: str =
         # bit-packed. After them the network is freed, and the raw and cleaned bool masks and the masks on the
         # input grid (made class by class beyond 0.5 GB) take its place.
         slab = 2 * classes * resampled_voxels * min(1.0, roi[0] / max(resampled))
-        windows_gb = (4 * resampled_voxels + slab + classes * resampled_voxels / 8) / 1e9
+        during_gb = (4 * resampled_voxels + slab + classes * resampled_voxels / 8) / 1e9
         after_gb = (2 * classes * resampled_voxels + min(classes * input_voxels, 0.5e9)) / 1e9
-        ram = max(forward + windows_gb, IMPORT_MEMORY_GB + after_gb)
     else:
         # image + weight map (float32) + logits of every class (float32) + masks on the input grid (bool)
-        ram = forward + (8 * resampled_voxels + 4 * classes * resampled_voxels + classes * input_voxels) / 1e9
-    if device == "cuda":  # the network and the window's intermediates are in GPU memory
-        return RunEstimate(windows, windows * per_window, ram - forward + 1.0, forward, device)
+        during_gb = after_gb = (8 * resampled_voxels + 4 * classes * resampled_voxels + classes * input_voxels) / 1e9
+    if device == "cuda":  # the network and a window's intermediates are in GPU memory; ~1 GB of libraries
+        return RunEstimate(windows, windows * per_window, 1.0 + max(during_gb, after_gb), forward, device)
+    ram = max(forward + during_gb, IMPORT_MEMORY_GB + after_gb)
     return RunEstimate(windows, windows * per_window, ram, 0.0, device)

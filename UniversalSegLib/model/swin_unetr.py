@@ -278,7 +278,7 @@ def _up_block_without_concat(block: UnetrUpBlock, inp: torch.Tensor, skip: torch
     upsample = block.transp_conv.conv.weight
     padding = conv1.kernel_size[0] // 2
     a = F.conv_transpose3d(inp, _compose_up(conv1.weight[:, :up_channels], upsample), stride=2, padding=padding)
-    a = a + F.conv3d(skip, conv1.weight[:, up_channels:], padding=conv1.padding)
+    a = a + F.conv3d(skip, conv1.weight[:, up_channels:], padding=padding)
     r = F.conv_transpose3d(inp, _compose_up(conv3.weight[:, :up_channels], upsample), stride=2)
     r = r + F.conv3d(skip, conv3.weight[:, up_channels:])
     a = res.lrelu(res.norm1(a))
@@ -304,13 +304,13 @@ def _composable(block: UnetrUpBlock) -> bool:
 def _compose_up(kernel: torch.Tensor, upsample: torch.Tensor) -> torch.Tensor:
     """The transposed-convolution weight equal to ``conv3d(conv_transpose3d(x, upsample, stride=2), kernel,
     padding=k // 2)`` for a 2x2x2 ``upsample`` (in, mid, 2, 2, 2) and a k^3 ``kernel`` (out, mid, k, k, k),
-    k = 1 or 3: weight (in, out, k + 1, k + 1, k + 1), used with ``stride=2, padding=k // 2``.
+    k odd: weight (in, out, k + 1, k + 1, k + 1), used with ``stride=2, padding=k // 2``.
 
     Per axis, upsampled position 2j + p (p = 0, 1) comes from input j, and the convolution reads it at
     offset o = -(k // 2) .. k // 2 from the output position y = 2j + p - o. A transposed convolution with
     stride 2 and padding k // 2 writes input j's tap t to y = 2j + t - k // 2, so tap t = p - o + k // 2
-    collects every (p, o) pair with that difference. Computed in numpy (float64, then float32): the weights
-    are constants, so a trace keeps the result as one.
+    collects every (p, o) pair with that difference. Composed in numpy in float64 and returned in the
+    kernel's dtype: the weights are constants, so a trace keeps the result as one.
     """
     kernel64 = kernel.detach().cpu().double().numpy()
     upsample64 = upsample.detach().cpu().double().numpy()
